@@ -11,15 +11,21 @@ from __future__ import annotations
 
 from typing import Any, TypeVar, cast
 
-from fednode.crypto.keys import NodeKey, verify
+from fednode.crypto.keys import NodeKey, peer_id_from_public_key, verify
 from fednode.errors import BadSignatureError
 from fednode.wire import CONTROL_LIMITS, Envelope, Limits, decode, encode
 
 M = TypeVar("M")
 _CONTEXT = b"fednode-envelope-v1\x00"
 
-#: Messages whose named author must be the envelope's signer.
-AUTHOR_FIELDS = {"model-update": "signer", "partial-aggregate": "combiner", "global-model": "reducer"}
+#: Messages whose named author must be the envelope's signer: the field holds the signer's raw
+#: public key, or (a text field) the signer's peer ID.
+AUTHOR_FIELDS = {
+    "model-update": "signer",
+    "partial-aggregate": "combiner",
+    "global-model": "reducer",
+    "heartbeat": "peer",
+}
 
 
 def domain_of(cls: type[Any]) -> str:
@@ -67,9 +73,15 @@ def open_envelope(
     if domain_of(type(msg)) != envelope.domain:
         raise BadSignatureError(f"payload is a {msg.TYPE!r} but was signed for {envelope.domain!r}")
     author = AUTHOR_FIELDS.get(msg.TYPE)
-    if author is not None and getattr(msg, author) != envelope.signer:
+    if author is not None and not _is_signer(getattr(msg, author), envelope.signer):
         raise BadSignatureError(f"{msg.TYPE} names a {author} other than its signer")
     return cast(M, msg), envelope
+
+
+def _is_signer(author: object, signer: bytes) -> bool:
+    if isinstance(author, str):  # a peer ID
+        return author == peer_id_from_public_key(signer)
+    return author == signer
 
 
 __all__ = ["domain_of", "open_envelope", "seal", "seal_bytes", "signing_input", "verify_envelope"]

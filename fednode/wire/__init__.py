@@ -4,6 +4,7 @@ no trio, no libp2p)."""
 from __future__ import annotations
 
 from fednode.wire.arrays import decode_array, decode_model, encode_array, encode_model
+from fednode.wire.control import Heartbeat, Role, control_topic, is_federation_id
 from fednode.wire.messages import (
     BlobHeader,
     Contribution,
@@ -43,6 +44,7 @@ __all__ = [
     "Envelope",
     "FederationId",
     "GlobalModel",
+    "Heartbeat",
     "Limits",
     "Model",
     "ModelBlob",
@@ -52,10 +54,12 @@ __all__ = [
     "PartialRef",
     "PeerId",
     "PublicKey",
+    "Role",
     "SessionId",
     "Signature",
     "TensorInfo",
     "check_frame",
+    "control_topic",
     "decode",
     "decode_array",
     "decode_model",
@@ -63,6 +67,7 @@ __all__ = [
     "encode",
     "encode_array",
     "encode_model",
+    "is_federation_id",
     "message",
     "record",
 ]

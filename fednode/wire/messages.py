@@ -50,6 +50,8 @@ class Envelope:
 
     def __post_init__(self) -> None:
         _require(0 < len(self.domain) <= 128, "domain must be 1 to 128 characters")
+        # NUL ends the domain in the signed bytes (crypto.envelope.signing_input).
+        _require("\x00" not in self.domain, "domain must not contain NUL")
 
 
 @record
@@ -82,7 +84,7 @@ class BlobHeader:
 @message("model")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelBlob:
-    """A model's parameters, in order. Its canonical encoding is the blob; its digest the address."""
+    """A model's parameters in order. Its canonical encoding is the blob; its digest the address."""
 
     tensors: Model
 
@@ -149,8 +151,13 @@ class PartialAggregate:
         _require(self.round >= 0, "round must be non-negative")
         _require(len(self.contributions) > 0, "a partial needs at least one contribution")
         signers = [c.signer for c in self.contributions]
-        _require(signers == sorted(set(signers)), "contributions must be sorted by signer, each once")
-        _require(self.total_weight == sum(c.weight for c in self.contributions), "total_weight must be the sum of weights")
+        _require(
+            signers == sorted(set(signers)), "contributions must be sorted by signer, each once"
+        )
+        _require(
+            self.total_weight == sum(c.weight for c in self.contributions),
+            "total_weight must be the sum of weights",
+        )
 
 
 @record
@@ -182,6 +189,11 @@ class GlobalModel:
 
     def __post_init__(self) -> None:
         _require(self.round >= 0, "round must be non-negative")
-        _require(self.num_examples == sum(p.total_weight for p in self.partials), "num_examples must be the sum of partial weights")
+        _require(
+            self.num_examples == sum(p.total_weight for p in self.partials),
+            "num_examples must be the sum of partial weights",
+        )
         combiners = [p.combiner for p in self.partials]
-        _require(combiners == sorted(set(combiners)), "partials must be sorted by combiner, each once")
+        _require(
+            combiners == sorted(set(combiners)), "partials must be sorted by combiner, each once"
+        )

@@ -17,7 +17,9 @@ from fednode.errors import WireError
 
 #: Tags a fednode message may carry: 40 (RFC 8746 multi-dimensional array) and the RFC 8746
 #: typed arrays we decode (uint8/16/32/64, sint8/16/32/64, float16/32/64, both byte orders).
-ALLOWED_TAGS = frozenset({40, *range(64, 72), *range(72, 76), *range(77, 80), 80, 81, 82, 84, 85, 86})
+ALLOWED_TAGS = frozenset(
+    {40, *range(64, 72), *range(72, 76), *range(77, 80), 80, 81, 82, 84, 85, 86}
+)
 
 _MIN_FOR_AI = {24: 24, 25: 0x100, 26: 0x10000, 27: 0x1_0000_0000}
 _HEAD_LEN = {24: 1, 25: 2, 26: 4, 27: 8}
@@ -112,7 +114,9 @@ class _Scanner:
                 self.item(depth + 1)
                 key = bytes(self.buf[k0 : self.pos])
                 if prev is not None and key <= prev:
-                    reason = "duplicate map key" if key == prev else "map keys not in canonical order"
+                    reason = (
+                        "duplicate map key" if key == prev else "map keys not in canonical order"
+                    )
                     raise self.fail(reason, k0)
                 prev = key
                 self.item(depth + 1)

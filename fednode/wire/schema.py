@@ -20,7 +20,7 @@ import cbor2
 import numpy as np
 
 from fednode.errors import WireError
-from fednode.wire.arrays import decode_array, decode_model, encode_array, encode_model
+from fednode.wire.arrays import Splicer, decode_array, decode_model, encode_array, encode_model
 from fednode.wire.scan import CONTROL_LIMITS, Limits, check_frame
 
 # Identifier types. Fixed-size byte strings are checked for their length on decode.
@@ -47,7 +47,7 @@ class Message(Protocol):
 
 M = TypeVar("M")
 _Check = Callable[[Any, str], Any]  # (cbor value, path) -> python value, or WireError
-_Dump = Callable[[Any], Any]  # python value -> cbor value
+_Dump = Callable[[Any, Splicer | None], Any]  # (python value, splicer) -> cbor value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -97,7 +97,7 @@ def _codec(cls: type[Any]) -> _Codec:
     return codec
 
 
-def _identity(value: Any) -> Any:
+def _identity(value: Any, splicer: Splicer | None = None) -> Any:
     return value
 
 
@@ -136,7 +136,7 @@ def _compile(tp: Any) -> tuple[_Check, _Dump]:
         inner_check, inner_dump = _compile(next(a for a in args if a is not type(None)))
         return (
             lambda v, path: None if v is None else inner_check(v, path),
-            lambda v: None if v is None else inner_dump(v),
+            lambda v, s: None if v is None else inner_dump(v, s),
         )
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         item_check, item_dump = _compile(args[0])
@@ -146,7 +146,7 @@ def _compile(tp: Any) -> tuple[_Check, _Dump]:
                 raise WireError(f"expected an array, got {type(v).__name__}", path)
             return tuple(item_check(x, f"{path}[{i}]") for i, x in enumerate(v))
 
-        return check_tuple, lambda v: [item_dump(x) for x in v]
+        return check_tuple, lambda v, s: [item_dump(x, s) for x in v]
     if origin is dict and args[0] is str:
         value_check, value_dump = _compile(args[1])
 
@@ -160,9 +160,12 @@ def _compile(tp: Any) -> tuple[_Check, _Dump]:
                 out[key] = value_check(x, f"{path}.{key}")
             return out
 
-        return check_map, lambda v: {k: value_dump(x) for k, x in v.items()}
+        return check_map, lambda v, s: {k: value_dump(x, s) for k, x in v.items()}
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        return (lambda v, path: _from_map(tp, v, path, typed=False)), (lambda v: _to_map(v, typed=False))
+        return (
+            lambda v, path: _from_map(tp, v, path, typed=False),
+            lambda v, s: _to_map(v, s, typed=False),
+        )
     raise TypeError(f"no wire encoding for {tp!r}")
 
 
@@ -179,9 +182,9 @@ def _scalar(tp: type[Any]) -> _Check:
     return check
 
 
-def _to_map(obj: Any, *, typed: bool) -> dict[str, Any]:
+def _to_map(obj: Any, splicer: Splicer | None, *, typed: bool) -> dict[str, Any]:
     codec = _codec(type(obj))
-    out = {name: dump(getattr(obj, name)) for name, _, dump in codec.fields}
+    out = {name: dump(getattr(obj, name), splicer) for name, _, dump in codec.fields}
     if typed:
         out["type"] = obj.TYPE
         out["v"] = obj.VERSION
@@ -207,7 +210,10 @@ def _from_map(cls: type[M], value: Any, path: str, *, typed: bool) -> M:
             if part
         )
         raise WireError(what, path)
-    kwargs = {name: check(value[name], f"{path}.{name}" if path else name) for name, check, _ in codec.fields}
+    kwargs = {
+        name: check(value[name], f"{path}.{name}" if path else name)
+        for name, check, _ in codec.fields
+    }
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:  # __post_init__ validation
@@ -215,10 +221,22 @@ def _from_map(cls: type[M], value: Any, path: str, *, typed: bool) -> M:
 
 
 def encode(msg: Any) -> bytes:
-    """The canonical CBOR encoding of a registered message."""
+    """The canonical CBOR encoding of a registered message.
+
+    Large tensors are not copied into the value tree: a :class:`Splicer` puts their bytes straight
+    into the output, so each is copied once (``tests/test_codec_fastpath.py`` holds the result to
+    plain ``cbor2.dumps(..., canonical=True)``, byte for byte).
+    """
     if getattr(type(msg), "TYPE", None) not in REGISTRY:
         raise TypeError(f"{type(msg).__name__} is not a registered wire message")
-    return cast(bytes, cbor2.dumps(_to_map(msg, typed=True), canonical=True))
+    splicer = Splicer()
+    skeleton = cbor2.dumps(_to_map(msg, splicer, typed=True), canonical=True)
+    if not splicer:
+        return skeleton
+    spliced = splicer.splice(skeleton)
+    if spliced is None:  # a placeholder's random marker also occurs elsewhere in the message
+        return cbor2.dumps(_to_map(msg, None, typed=True), canonical=True)
+    return spliced
 
 
 def decode_value(data: bytes, limits: Limits = CONTROL_LIMITS) -> Any:
@@ -241,7 +259,8 @@ def message_class(type_name: str, version: int) -> type[Any]:
     if cls is None:
         raise WireError(f"unknown message type {type_name!r}", "type")
     if version != cls.VERSION:
-        raise WireError(f"{type_name!r} version {version} is not supported (we speak {cls.VERSION})", "v")
+        ours = f"we speak {cls.VERSION}"
+        raise WireError(f"{type_name!r} version {version} is not supported ({ours})", "v")
     return cls
 
 

@@ -1,0 +1,157 @@
+"""Net layer, libp2p adapter: one libp2p stream behind fednode's ``Stream`` interface.
+
+Writes have two deadlines: ``send_timeout`` for a whole ``send_all`` and ``stall_timeout`` for
+any moment without progress (a frozen peer, a reader that stopped). Missing either resets the
+stream and tears the peer's connection down, then raises :class:`TransportError`. Writes never
+call yamux while its send window is closed, so yamux's own 5 s window wait never fires; the
+stall timeout replaces it. Reads have no deadline here: the caller owns its protocol's timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from libp2p.network.stream.exceptions import StreamEOF
+
+from fednode.errors import TransportError
+from fednode.wire import PeerId
+
+logger = logging.getLogger("fednode.net.libp2p")
+
+_WRITE_CHUNK = 1024 * 1024  # bounded copies; large writes keep yamux frames full
+_WINDOW_POLL = 0.01  # yamux has no event for a window update; it polls at this rate itself
+_RESET_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamLimits:
+    """Write deadlines of a libp2p stream, in seconds."""
+
+    send_timeout: float = 30.0
+    stall_timeout: float = 15.0
+
+
+OnStall = Callable[[PeerId, str], Awaitable[None]]
+"""Called with the peer and a reason when a write missed its deadline; tears the peer down."""
+
+
+class Libp2pStream:
+    """A libp2p ``NetStream`` seen through fednode's Stream interface."""
+
+    def __init__(
+        self,
+        net_stream: Any,
+        *,
+        protocol: str,
+        remote_peer: PeerId,
+        limits: StreamLimits,
+        on_stall: OnStall,
+    ) -> None:
+        self._net = net_stream
+        self._protocol = protocol
+        self._remote_peer = remote_peer
+        self._limits = limits
+        self._on_stall = on_stall
+        self._send_lock = trio.Lock()
+        self._eof_sent = False
+        self._closed = False
+
+    @property
+    def protocol(self) -> str:
+        return self._protocol
+
+    @property
+    def remote_peer(self) -> PeerId:
+        return self._remote_peer
+
+    def __repr__(self) -> str:
+        return f"Libp2pStream({self._protocol} with {self._remote_peer})"
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        async with self._send_lock:
+            if self._closed or self._eof_sent:
+                raise TransportError(f"{self!r}: send after close")
+            try:
+                with trio.fail_after(self._limits.send_timeout):
+                    offset = 0
+                    while offset < len(view):
+                        with trio.fail_after(self._limits.stall_timeout):
+                            room = await self._wait_send_window()
+                            end = offset + min(room, _WRITE_CHUNK, len(view) - offset)
+                            await self._net.write(bytes(view[offset:end]))
+                        offset = end
+            except trio.TooSlowError as exc:
+                await self._stalled("send timed out")
+                raise TransportError(f"{self!r}: send timed out") from exc
+            except Exception as exc:
+                raise TransportError(f"{self!r}: send failed: {exc!r}") from exc
+
+    async def _wait_send_window(self) -> int:
+        """Bytes yamux will take without waiting. Waiting here rather than inside yamux's write
+        avoids its fixed 5 s window timeout; our stall deadline bounds the wait instead."""
+        muxed = self._net.muxed_stream
+        window = getattr(muxed, "send_window", None)
+        if not isinstance(window, int):  # another muxer: let it do its own flow control
+            return _WRITE_CHUNK
+        while muxed.send_window <= 0 and not (muxed.closed or muxed.send_closed):
+            await trio.sleep(_WINDOW_POLL)
+        return max(int(muxed.send_window), 1)
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        try:
+            data: bytes = await self._net.read(max_bytes)
+        except StreamEOF as exc:
+            # yamux reports a connection that died under the stream (peer killed, socket
+            # error) as end of stream too, but marks the stream reset; only a FIN is clean.
+            if getattr(self._net.muxed_stream, "reset_received", False):
+                raise TransportError(f"{self!r}: connection lost") from exc
+            return b""
+        except Exception as exc:
+            raise TransportError(f"{self!r}: receive failed: {exc!r}") from exc
+        return data
+
+    async def send_eof(self) -> None:
+        async with self._send_lock:
+            if self._eof_sent or self._closed:
+                return
+            self._eof_sent = True
+            try:
+                with trio.fail_after(self._limits.stall_timeout):
+                    await self._net.close_write()
+            except trio.TooSlowError as exc:
+                await self._stalled("sending end of stream timed out")
+                raise TransportError(f"{self!r}: sending end of stream timed out") from exc
+            except Exception as exc:
+                raise TransportError(f"{self!r}: sending end of stream failed: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        """Send our end of stream (if not sent) and release the stream. Never raises: a stream
+        that cannot be closed gracefully is reset."""
+        if self._closed:
+            return
+        try:
+            await self.send_eof()
+            with trio.fail_after(self._limits.stall_timeout):
+                await self._net.close()
+        except Exception:
+            await self.reset()
+        self._closed = True
+
+    async def reset(self) -> None:
+        self._closed = True
+        with trio.move_on_after(_RESET_TIMEOUT), contextlib.suppress(Exception):
+            await self._net.reset()
+
+    async def _stalled(self, reason: str) -> None:
+        logger.info("%r: %s; disconnecting %s", self, reason, self._remote_peer)
+        with trio.CancelScope(shield=True):
+            await self._on_stall(self._remote_peer, reason)
+            await self.reset()

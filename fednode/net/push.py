@@ -1,0 +1,421 @@
+"""Net layer: ``/fednode/push/1.0.0``, a client pushing its signed update to a combiner.
+
+Stream layout (u32 = 4-byte big-endian length prefix of a frame)::
+
+    sender -> receiver:  u32 | PushOffer{envelope, chunk_size, chunks}
+    receiver -> sender:  u32 | PushReply{status: accept | have | refuse, reason}
+    sender -> receiver:  (accept only) the update blob's ``size`` bytes, raw
+    receiver -> sender:  (accept, have) u32 | PushAck{status: stored | rejected, reason}
+
+The receiver verifies the envelope and asks ``admit`` before a single blob byte flows, so a
+refused push costs one round trip. It checks each chunk against the offer's list as it lands
+(dropping the transfer at the first bad chunk) and the whole blob against the signed
+``ModelUpdate.update`` digest and ``size`` before storing it (pinned) and calling ``on_stored``.
+Only then does it ack ``stored``: an end of stream without an ack is a failed push (a killed
+receiver ends streams like a clean EOF on py-libp2p), and the sender keeps its update to retry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import trio
+
+from fednode.crypto import digest, open_envelope
+from fednode.errors import (
+    CryptoError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    TransferError,
+    TransportError,
+    WireError,
+)
+from fednode.net.blob import (
+    PEER_ERRORS,
+    ChunkMismatch,
+    Progress,
+    header_limits,
+    receive_chunks,
+    run_io,
+    send_blob_bytes,
+    sync_cost,
+)
+from fednode.net.blobstore import BlobStore
+from fednode.net.framing import abort, receive_frame, send_frame
+from fednode.net.interface import Host, Stream
+from fednode.wire import Digest, Envelope, ModelUpdate, PeerId, decode, encode
+from fednode.wire.transfer import (
+    DEFAULT_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    PushAck,
+    PushOffer,
+    PushReply,
+    chunk_count,
+    header_limit,
+)
+
+PUSH_PROTOCOL = "/fednode/push/1.0.0"
+#: Largest signed update envelope accepted in an offer.
+MAX_ENVELOPE = 64 << 10
+_SMALL_FRAME = 8192
+
+Admit = Callable[[ModelUpdate, Envelope], "str | None"]
+"""``admit(update, envelope)``: ``None`` to accept, else the reason to refuse (wrong round, not
+assigned here, over capacity, duplicate). Called once the envelope verified, before any bytes."""
+OnStored = Callable[[ModelUpdate, Envelope], Awaitable["str | None"]]
+"""``on_stored(update, envelope)``: the blob is stored and pinned; ``None`` acks ``stored``,
+a reason acks ``rejected`` (and unpins)."""
+OnAbandoned = Callable[[ModelUpdate, str], None]
+"""``on_abandoned(update, reason)``: an admitted push did not end stored (to release whatever
+``admit`` reserved)."""
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PushResult:
+    """How a push ended, when the receiver answered.
+
+    ``stored``: the receiver acked it (``bytes_sent`` were sent); ``already-held``: it had the blob
+    and acked without bytes; ``refused``: it said no before any bytes, with ``reason``.
+    """
+
+    status: Literal["stored", "already-held", "refused"]
+    reason: str
+    bytes_sent: int
+
+    @property
+    def accepted(self) -> bool:
+        return self.status != "refused"
+
+
+async def push_update(
+    host: Host,
+    peer: PeerId,
+    envelope: bytes,
+    source: BlobStore | bytes,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: Progress | None = None,
+    timeout: float = 10.0,
+    stall_timeout: float = 30.0,
+    ack_timeout: float = 30.0,
+) -> PushResult:
+    """Push the signed update ``envelope`` and its blob (from ``source``) to ``peer``.
+
+    Args:
+        envelope: the canonical encoding of the envelope sealing a :class:`ModelUpdate`.
+        source: a store holding the update blob, or its bytes (sent without copying).
+        progress: ``progress(bytes_sent, total)`` after each write.
+        timeout: seconds to open the stream, send the offer and get the reply.
+        stall_timeout: seconds one 1 MiB write may wait for the receiver to take it.
+        ack_timeout: seconds, after the last byte, for the receiver to verify, store and ack.
+
+    Returns:
+        the outcome when the receiver answered (refusals included).
+
+    Raises:
+        TransferError: the stream failed, timed out or ended without an ack, or the receiver
+            rejected the blob.
+        LocalProtocolError: ``source`` does not hold the blob the envelope names.
+    """
+    update, _ = open_envelope(envelope, ModelUpdate)
+    chunks = await run_io(update.size, _local_chunks, source, update, chunk_size)
+    offer = PushOffer(envelope=envelope, chunk_size=chunk_size, chunks=chunks)
+    try:
+        with trio.fail_after(timeout):
+            stream = await host.open_stream(peer, PUSH_PROTOCOL)
+    except trio.TooSlowError:
+        raise TransferError(f"no stream to {peer} within {timeout:g} s") from None
+    try:
+        result = await _push(
+            stream, offer, update, source, progress, timeout, stall_timeout, ack_timeout
+        )
+    except BaseException:
+        await abort(stream)
+        raise
+    await stream.aclose()
+    return result
+
+
+def _local_chunks(
+    source: BlobStore | bytes, update: ModelUpdate, chunk_size: int
+) -> tuple[Digest, ...]:
+    if isinstance(source, BlobStore):
+        try:
+            size = source.size(update.update)
+        except KeyError:
+            raise LocalProtocolError(
+                f"update blob {update.update.hex()[:16]} is not in the store"
+            ) from None
+        if size != update.size:
+            raise LocalProtocolError(f"update blob is {size} bytes, the update says {update.size}")
+        return source.chunk_digests(update.update, chunk_size)
+    if len(source) != update.size or digest(source) != update.update:
+        raise LocalProtocolError("the bytes to push are not the blob the update names")
+    view = memoryview(source)
+    return tuple(digest(view[i : i + chunk_size]) for i in range(0, len(source), chunk_size))
+
+
+async def _push(
+    stream: Stream,
+    offer: PushOffer,
+    update: ModelUpdate,
+    source: BlobStore | bytes,
+    progress: Progress | None,
+    timeout: float,
+    stall_timeout: float,
+    ack_timeout: float,
+) -> PushResult:
+    deadline = trio.current_time() + timeout
+    await send_frame(stream, encode(offer), timeout)
+    reply = decode(
+        bytes(await receive_frame(stream, _SMALL_FRAME, deadline - trio.current_time())), PushReply
+    )
+    if reply.status == "refuse":
+        return PushResult(status="refused", reason=reply.reason, bytes_sent=0)
+    sent = 0
+    if reply.status == "accept":
+
+        def on_sent(n: int) -> None:
+            nonlocal sent
+            sent += n
+            if progress is not None:
+                progress(sent, update.size)
+
+        if isinstance(source, BlobStore):
+            with source.open_reader(update.update, 0) as reader:
+                await send_blob_bytes(
+                    stream, reader, update.size, stall_timeout=stall_timeout, on_sent=on_sent
+                )
+        else:
+            await send_blob_bytes(
+                stream,
+                memoryview(source),
+                update.size,
+                stall_timeout=stall_timeout,
+                on_sent=on_sent,
+            )
+    try:
+        ack = decode(bytes(await receive_frame(stream, _SMALL_FRAME, ack_timeout)), PushAck)
+    except TransferError as exc:
+        raise TransferError(f"no ack for the pushed update: {exc}") from exc
+    if ack.status != "stored":
+        raise TransferError(f"the receiver rejected the update: {ack.reason}")
+    return PushResult(
+        status="stored" if reply.status == "accept" else "already-held", reason="", bytes_sent=sent
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PushServerStatistics:
+    """A snapshot of a :class:`PushServer`. ``bytes_received`` counts verified blob bytes."""
+
+    offers: int
+    refused: int
+    stored: int
+    rejected: int
+    failed: int
+    active: int
+    bytes_received: int
+
+
+class PushServer:
+    """Receives ``/fednode/push/1.0.0`` pushes into a :class:`BlobStore`.
+
+    Args:
+        admit: decides each verified offer before any bytes flow (see :data:`Admit`).
+        on_stored: called with each stored update before the ack (see :data:`OnStored`).
+        on_abandoned: called when an admitted push fails (see :data:`OnAbandoned`).
+        max_size: refuse updates whose blob is larger.
+        max_concurrent: refuse ("busy") beyond this many pushes at once.
+        timeout: seconds to read the offer and answer it.
+        stall_timeout: seconds one chunk may take to arrive.
+    """
+
+    def __init__(
+        self,
+        store: BlobStore,
+        admit: Admit,
+        *,
+        on_stored: OnStored | None = None,
+        on_abandoned: OnAbandoned | None = None,
+        max_size: int = 1 << 30,
+        max_concurrent: int = 16,
+        timeout: float = 10.0,
+        stall_timeout: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.admit = admit
+        self.on_stored = on_stored
+        self.on_abandoned = on_abandoned
+        self.max_size = max_size
+        self.max_concurrent = max_concurrent
+        self.timeout = timeout
+        self.stall_timeout = stall_timeout
+        self._counts = dict.fromkeys(("offers", "refused", "stored", "rejected", "failed"), 0)
+        self._active = 0
+        self._bytes_received = 0
+
+    def statistics(self) -> PushServerStatistics:
+        return PushServerStatistics(
+            **self._counts, active=self._active, bytes_received=self._bytes_received
+        )
+
+    async def handle(self, stream: Stream) -> None:
+        """Receive one push on ``stream``; never raises for anything the peer does."""
+        try:
+            await self._receive(stream)
+        except PEER_ERRORS as exc:
+            self._counts["failed"] += 1
+            log.info("push from %s failed: %s", stream.remote_peer, exc)
+            await abort(stream)
+        except BaseException:
+            await abort(stream)
+            raise
+        else:
+            await _close(stream)
+
+    async def _reply(
+        self, stream: Stream, status: Literal["accept", "have", "refuse"], reason: str = ""
+    ) -> None:
+        if status == "refuse":
+            self._counts["refused"] += 1
+        await send_frame(stream, encode(PushReply(status=status, reason=reason)), self.timeout)
+
+    async def _ack(
+        self, stream: Stream, status: Literal["stored", "rejected"], reason: str = ""
+    ) -> None:
+        self._counts[status] += 1
+        await send_frame(stream, encode(PushAck(status=status, reason=reason)), self.timeout)
+
+    async def _receive(self, stream: Stream) -> None:
+        self._counts["offers"] += 1
+        limit = header_limit(self.max_size, MIN_CHUNK_SIZE, extra=MAX_ENVELOPE)
+        raw = await receive_frame(stream, limit, self.timeout)
+        offer = decode(bytes(raw), PushOffer, header_limits(len(raw)))
+        try:
+            update, envelope = open_envelope(offer.envelope, ModelUpdate)
+        except (WireError, CryptoError) as exc:
+            await self._reply(stream, "refuse", f"invalid envelope: {exc}")
+            return
+        if update.size > self.max_size:
+            await self._reply(
+                stream, "refuse", f"update of {update.size} bytes exceeds {self.max_size}"
+            )
+            return
+        if len(offer.chunks) != chunk_count(update.size, offer.chunk_size):
+            raise RemoteProtocolError("the chunk list does not fit the update's size")
+        if self._active >= self.max_concurrent:
+            await self._reply(stream, "refuse", "busy")
+            return
+        reason = self.admit(update, envelope)
+        if reason is not None:
+            await self._reply(stream, "refuse", reason)
+            return
+        self._active += 1
+        outcome = "cancelled"
+        try:
+            outcome = await self._take(stream, offer, update, envelope)
+        except PEER_ERRORS as exc:
+            outcome = str(exc)
+            raise
+        finally:
+            self._active -= 1
+            if outcome != "stored" and self.on_abandoned is not None:
+                self.on_abandoned(update, outcome)
+
+    async def _take(
+        self, stream: Stream, offer: PushOffer, update: ModelUpdate, envelope: Envelope
+    ) -> str:
+        """Receive, verify and store an admitted update; returns "stored" or why not."""
+        key = update.update
+        if self.store.has(key):
+            self.store.pin(key)
+            await self._reply(stream, "have")
+        else:
+            await self._reply(stream, "accept")
+            partial = self.store.open_partial(key)
+            with partial:
+
+                def on_chunk(n: int) -> None:
+                    self._bytes_received += n
+
+                try:
+                    await receive_chunks(
+                        stream,
+                        partial,
+                        offer.chunks,
+                        chunk_size=offer.chunk_size,
+                        size=update.size,
+                        stall_timeout=self.stall_timeout,
+                        on_chunk=on_chunk,
+                    )
+                except ChunkMismatch as exc:
+                    self._counts["rejected"] += 1
+                    log.info("push from %s: %s", stream.remote_peer, exc)
+                    return f"tampered: {exc}"
+                try:
+                    await run_io(sync_cost(self.store), partial.commit, True)
+                except TransferError as exc:
+                    await self._ack(
+                        stream, "rejected", f"the blob does not match the update: {exc}"
+                    )
+                    return "rejected: digest mismatch"
+        reason = await self.on_stored(update, envelope) if self.on_stored is not None else None
+        if reason is not None:
+            self.store.unpin(key)
+            await self._ack(stream, "rejected", reason)
+            return f"rejected: {reason}"
+        await self._ack(stream, "stored")
+        return "stored"
+
+
+async def _close(stream: Stream) -> None:
+    try:
+        await stream.aclose()
+    except TransportError:
+        pass
+
+
+def serve_push(
+    host: Host,
+    store: BlobStore,
+    admit: Admit,
+    *,
+    on_stored: OnStored | None = None,
+    on_abandoned: OnAbandoned | None = None,
+    max_size: int = 1 << 30,
+    max_concurrent: int = 16,
+    timeout: float = 10.0,
+    stall_timeout: float = 30.0,
+) -> PushServer:
+    """Register a :class:`PushServer` on ``host``; returns it (for statistics)."""
+    server = PushServer(
+        store,
+        admit,
+        on_stored=on_stored,
+        on_abandoned=on_abandoned,
+        max_size=max_size,
+        max_concurrent=max_concurrent,
+        timeout=timeout,
+        stall_timeout=stall_timeout,
+    )
+    host.set_stream_handler(PUSH_PROTOCOL, server.handle)
+    return server
+
+
+__all__ = [
+    "PUSH_PROTOCOL",
+    "Admit",
+    "OnAbandoned",
+    "OnStored",
+    "PushResult",
+    "PushServer",
+    "PushServerStatistics",
+    "push_update",
+    "serve_push",
+]
