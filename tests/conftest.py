@@ -10,6 +10,8 @@ import os
 
 from hypothesis import settings
 
-settings.register_profile("fednode", derandomize=True, database=None, deadline=None, max_examples=40)
+settings.register_profile(
+    "fednode", derandomize=True, database=None, deadline=None, max_examples=40
+)
 settings.register_profile("thorough", deadline=None, max_examples=2_000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fednode"))

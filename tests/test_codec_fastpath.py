@@ -1,4 +1,4 @@
-"""The spliced model encoding is byte for byte plain canonical cbor2, and copies each tensor once."""
+"""The spliced model encoding is byte for byte plain canonical cbor2 and copies each tensor once."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ DTYPES = [np.dtype(name) for name in DTYPE_TAGS] + [BFLOAT16]
 
 
 def plain(model: dict[str, np.ndarray[Any, Any]]) -> bytes:
-    """The reference: cbor2's canonical encoding of the value tree with every tensor's bytes in it."""
+    """The reference: cbor2's canonical encoding of the tree with every tensor's bytes in it."""
     return cbor2.dumps({"tensors": encode_model(model), "type": "model", "v": 1}, canonical=True)
 
 

@@ -4,7 +4,9 @@ encode to identical, canonical bytes."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
+import pkgutil
 import struct
 import typing
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fednode.wire
 from fednode.crypto import KeyFile  # importing it registers "ed25519-key"
 from fednode.errors import WireError
 from fednode.wire import (
@@ -35,6 +38,22 @@ from fednode.wire import (
 )
 from fednode.wire.control import Heartbeat, Role
 from fednode.wire.schema import INT_MAX, INT_MIN
+from fednode.wire.status import MemberState, NodeStatus, PeerStatus
+from fednode.wire.transfer import (
+    AckStatus,
+    BlobRequest,
+    BlobResponse,
+    BlobStatus,
+    PushAck,
+    PushOffer,
+    PushReply,
+    PushStatus,
+    chunk_count,
+)
+
+# Every wire module, so REGISTRY holds every message whatever else this session imported.
+for _module in pkgutil.iter_modules(fednode.wire.__path__):
+    importlib.import_module(f"fednode.wire.{_module.name}")
 
 DTYPES = [
     np.dtype(name)
@@ -55,11 +74,12 @@ KEYS = st.binary(min_size=32, max_size=32)
 NONCES = st.binary(min_size=16, max_size=16)
 SIGNATURES = st.binary(min_size=64, max_size=64)
 TEXTS = st.text(max_size=16)
+ANY_DTYPE = st.sampled_from(DTYPES)
 METRICS = st.dictionaries(st.text(max_size=12), st.floats(), max_size=5)
 
 
 @st.composite
-def arrays(draw: st.DrawFn, dtypes: st.SearchStrategy[np.dtype[Any]] = st.sampled_from(DTYPES)) -> Any:
+def arrays(draw: st.DrawFn, dtypes: st.SearchStrategy[np.dtype[Any]] = ANY_DTYPE) -> Any:
     """An array of any shape (0-d and empty included) filled with arbitrary bits."""
     dtype = draw(dtypes)
     shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
@@ -71,15 +91,17 @@ def arrays(draw: st.DrawFn, dtypes: st.SearchStrategy[np.dtype[Any]] = st.sample
 MODELS = st.dictionaries(st.text(min_size=1, max_size=8), arrays(), max_size=4)
 TENSOR_INFOS = st.builds(
     TensorInfo,
-    name=TEXTS,
+    name=st.text(min_size=1, max_size=16),
     dtype=st.sampled_from([d.name for d in DTYPES]),
-    shape=st.lists(U64, max_size=4).map(tuple),
+    shape=st.lists(st.integers(0, 2**40 - 1), max_size=4).map(tuple),
 )
 
 
 @st.composite
 def partial_aggregates(draw: st.DrawFn) -> PartialAggregate:
-    by_signer = draw(st.dictionaries(KEYS, st.tuples(DIGESTS, st.integers(1, 2**60)), min_size=1, max_size=4))
+    by_signer = draw(
+        st.dictionaries(KEYS, st.tuples(DIGESTS, st.integers(1, 2**60)), min_size=1, max_size=4)
+    )
     contributions = tuple(
         Contribution(signer=signer, update=update, weight=weight)
         for signer, (update, weight) in sorted(by_signer.items())
@@ -94,16 +116,20 @@ def partial_aggregates(draw: st.DrawFn) -> PartialAggregate:
         contributions=contributions,
         total_weight=sum(c.weight for c in contributions),
         combiner=draw(KEYS),
-        created_ms=draw(WIRE_INTS),
+        created_ms=draw(U64),
         nonce=draw(NONCES),
     )
 
 
 @st.composite
 def global_models(draw: st.DrawFn) -> GlobalModel:
-    by_combiner = draw(st.dictionaries(KEYS, st.tuples(DIGESTS, st.integers(0, 2**60), DIGESTS), max_size=4))
+    by_combiner = draw(
+        st.dictionaries(KEYS, st.tuples(DIGESTS, st.integers(1, 2**60), DIGESTS), max_size=4)
+    )
     partials = tuple(
-        PartialRef(combiner=combiner, partial=partial, total_weight=weight, contributions=contributions)
+        PartialRef(
+            combiner=combiner, partial=partial, total_weight=weight, contributions=contributions
+        )
         for combiner, (partial, weight, contributions) in sorted(by_combiner.items())
     )
     return GlobalModel(
@@ -112,20 +138,69 @@ def global_models(draw: st.DrawFn) -> GlobalModel:
         round=draw(U64),
         model=draw(DIGESTS),
         size=draw(U64),
-        parent=draw(st.none() | DIGESTS),
+        parent=draw(DIGESTS if partials else st.none() | DIGESTS),  # None: the initial model
         partials=partials,
         num_examples=sum(p.total_weight for p in partials),
         reducer=draw(KEYS),
-        created_ms=draw(WIRE_INTS),
+        created_ms=draw(U64),
     )
 
+
+CHUNK_SIZES = st.integers(14, 24).map(lambda bits: 1 << bits)
+PEER_IDS = st.from_regex(r"[1-9A-HJ-NP-Za-km-z]{1,64}", fullmatch=True)
+ADDRS = st.lists(st.text(min_size=1, max_size=20).map(lambda s: "/" + s), max_size=4).map(tuple)
+
+
+@st.composite
+def blob_requests(draw: st.DrawFn) -> BlobRequest:
+    chunk_size = draw(CHUNK_SIZES)
+    offset = chunk_size * draw(st.integers(0, 2**30))
+    return BlobRequest(
+        digest=draw(DIGESTS), offset=offset, max_size=draw(U64), chunk_size=chunk_size
+    )
+
+
+@st.composite
+def blob_responses(draw: st.DrawFn) -> BlobResponse:
+    status = draw(st.sampled_from(typing.get_args(BlobStatus)))
+    if status != "ok":
+        return BlobResponse(status=status, size=0, offset=0, chunk_size=0, chunks=())
+    chunk_size = draw(CHUNK_SIZES)
+    size = draw(st.integers(0, 4 * chunk_size))
+    count = chunk_count(size, chunk_size)
+    chunks = tuple(draw(st.lists(DIGESTS, min_size=count, max_size=count)))
+    offset = draw(st.integers(0, size))
+    return BlobResponse(
+        status=status, size=size, offset=offset, chunk_size=chunk_size, chunks=chunks
+    )
+
+
+PEER_STATUSES = st.builds(
+    PeerStatus,
+    peer=PEER_IDS,
+    state=st.sampled_from(typing.get_args(MemberState)),
+    role=st.sampled_from(typing.get_args(Role)),
+    region=TEXTS,
+    capacity=U64,
+    attached=U64,
+    cpu=st.floats(),
+    memory=st.floats(),
+    bandwidth=st.floats(),
+    rtt_ms=st.none() | st.floats(),
+    last_seen_ms=U64,
+    connected=st.booleans(),
+    round=WIRE_INTS,
+    addrs=ADDRS,
+)
 
 #: One strategy per wire type. A newly registered message needs one here.
 STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "envelope": st.builds(
         Envelope,
         signer=KEYS,
-        domain=st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=128),
+        domain=st.text(
+            st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=128
+        ),
         payload=st.binary(max_size=64),
         signature=SIGNATURES,
     ),
@@ -148,12 +223,14 @@ STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
         num_examples=st.integers(1, INT_MAX),
         metrics=METRICS,
         signer=KEYS,
-        created_ms=WIRE_INTS,
+        created_ms=U64,
         nonce=NONCES,
     ),
     "partial-aggregate": partial_aggregates(),
     "global-model": global_models(),
-    "ed25519-key": st.builds(KeyFile, seed=st.binary(min_size=32, max_size=32), created_ms=WIRE_INTS),
+    "ed25519-key": st.builds(
+        KeyFile, seed=st.binary(min_size=32, max_size=32), created_ms=WIRE_INTS
+    ),
     "heartbeat": st.builds(
         Heartbeat,
         federation=st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True),
@@ -169,9 +246,37 @@ STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
         memory=st.floats(0.0, 1.0),
         bandwidth=st.floats(min_value=0.0, allow_infinity=False),
         region=st.text(max_size=64),
-        addrs=st.lists(st.text(min_size=1, max_size=20).map(lambda s: "/" + s), max_size=16).map(tuple),
+        addrs=st.lists(st.text(min_size=1, max_size=20).map(lambda s: "/" + s), max_size=16).map(
+            tuple
+        ),
         session=st.text(max_size=24),
         round=st.integers(-1, INT_MAX),
+    ),
+    "blob-request": blob_requests(),
+    "blob-response": blob_responses(),
+    "push-offer": st.builds(
+        PushOffer,
+        envelope=st.binary(max_size=64),
+        chunk_size=CHUNK_SIZES,
+        chunks=st.lists(DIGESTS, max_size=4).map(tuple),
+    ),
+    "push-reply": st.builds(
+        PushReply, status=st.sampled_from(typing.get_args(PushStatus)), reason=TEXTS
+    ),
+    "push-ack": st.builds(
+        PushAck, status=st.sampled_from(typing.get_args(AckStatus)), reason=TEXTS
+    ),
+    "node-status": st.builds(
+        NodeStatus,
+        peer=PEER_IDS,
+        federation=TEXTS,
+        role=st.sampled_from(typing.get_args(Role)),
+        addrs=ADDRS,
+        uptime_ms=U64,
+        connected=U64,
+        heartbeats_accepted=U64,
+        heartbeats_rejected=U64,
+        peers=st.lists(PEER_STATUSES, max_size=3).map(tuple),
     ),
 }
 
@@ -197,7 +302,9 @@ def assert_same(got: Any, want: Any, path: str = "msg") -> None:
             assert_same(g, w, f"{path}[{i}]")
     elif isinstance(want, float):
         assert type(got) is float, path
-        assert (math.isnan(got) and math.isnan(want)) or struct.pack(">d", got) == struct.pack(">d", want), path
+        assert (math.isnan(got) and math.isnan(want)) or struct.pack(">d", got) == struct.pack(
+            ">d", want
+        ), path
     else:
         assert type(got) is type(want) and got == want, path
 

@@ -22,8 +22,12 @@ blob against its address. So:
 
 Both ends know how many bytes must follow the response, so a killed holder (on py-libp2p: a clean
 end of stream) is told from a finished one by the count alone, and no trailer is needed. The holder
-writes 1 MiB at a time whatever the chunk size (py-libp2p moves fewer, larger writes faster) and
-reads its file in a worker thread; the fetcher hashes and writes each chunk in a worker thread.
+writes 1 MiB at a time whatever the chunk size (py-libp2p moves fewer, larger writes faster). Each
+chunk read and each write has ``stall_timeout``: a peer that stops sending or reading is cut off,
+a slow one only makes the other side wait. File reads, hashing and writes of more than
+:data:`INLINE_IO` bytes run in a worker thread, so the event loop never blocks on them; nothing
+holds more than a chunk or a write of the blob in memory. The full scheme is in
+``protocols/wire.md``, "Data plane: verification, blame, resumption, timeouts".
 """
 
 from __future__ import annotations
@@ -117,8 +121,8 @@ async def send_blob_bytes(
     stall_timeout: float,
     on_sent: Callable[[int], None],
 ) -> None:
-    """Send ``count`` bytes from ``source`` (a file positioned at the start, read in a worker
-    thread, or a memoryview) in :data:`WRITE_SIZE` writes, each within ``stall_timeout``."""
+    """Send ``count`` bytes from ``source`` (a file positioned at the start, or a memoryview) in
+    :data:`WRITE_SIZE` writes, each within ``stall_timeout``; ``on_sent(n)`` after each."""
     sent = 0
     while sent < count:
         n = min(WRITE_SIZE, count - sent)
@@ -156,14 +160,13 @@ async def receive_chunks(
     before appending it to ``partial``. Each chunk must arrive within ``stall_timeout``.
 
     Raises:
-        ChunkMismatch: a chunk did not verify (nothing of it was kept; the stream is reset).
+        ChunkMismatch: a chunk did not verify (nothing of it was kept; the caller resets).
         TransferError: the stream ended, broke or stalled.
     """
     for index in range(partial.size // chunk_size, len(chunks)):
         length = min(chunk_size, size - index * chunk_size)
         data = await receive_exactly(stream, length, stall_timeout)
         if not await run_io(length, _verify_and_append, partial, data, chunks[index]):
-            await abort(stream)
             raise ChunkMismatch(index)
         on_chunk(length)
 
@@ -437,6 +440,7 @@ async def fetch_blob(
 
     Raises:
         FetchError: no holder delivered a verified blob; ``faults`` (and ``misbehaving``) say why.
+        TransferError: another fetch of the same blob into ``store`` is running.
     """
     if pin:  # before it lands, so no eviction can come between
         store.pin(digest)
@@ -576,12 +580,21 @@ class BlobServer:
             await send_blob_bytes(
                 stream, reader, size - offset, stall_timeout=self.stall_timeout, on_sent=on_sent
             )
-        await stream.aclose()
         self._counts["served"] += 1
+        await stream.aclose()
 
 
-def serve_blobs(host: Host, store: BlobStore, **options: float) -> BlobServer:
+def serve_blobs(
+    host: Host,
+    store: BlobStore,
+    *,
+    max_concurrent: int = 8,
+    timeout: float = 10.0,
+    stall_timeout: float = 30.0,
+) -> BlobServer:
     """Register a :class:`BlobServer` for ``store`` on ``host``; returns it (for statistics)."""
-    server = BlobServer(store, **options)  # type: ignore[arg-type]
+    server = BlobServer(
+        store, max_concurrent=max_concurrent, timeout=timeout, stall_timeout=stall_timeout
+    )
     host.set_stream_handler(BLOB_PROTOCOL, server.handle)
     return server

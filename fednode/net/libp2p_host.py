@@ -40,7 +40,11 @@ identify, ping, GossipSub), with a workaround for each sharp edge of that releas
     concrete interface addresses.
 (n) The peerstore evicted our own key first once it held 1000 peers, breaking identify and
     gossip; ours never evicts it.
-(o) Logging: libp2p's loggers are set to ERROR unless ``FEDNODE_LIBP2P_DEBUG`` is set.
+(o) Logging: libp2p's loggers are set to ERROR unless ``FEDNODE_LIBP2P_DEBUG`` is set, and the
+    ERROR records it writes for routine churn (a stream opened as its connection closes) dropped.
+(p) Auto-connector: libp2p dialled every peerstore peer, every 30 s and after each disconnection,
+    while below (low + high watermark) / 2 connections, so a dropped peer came back; ours never
+    dials on its own.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.host.basic_host import BasicHost
+from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.swarm import Swarm
@@ -109,11 +110,21 @@ def key_pair_from_seed(seed: bytes) -> Any:
     return create_new_key_pair(seed)
 
 
-# -- (d) inbound connection leak ---------------------------------------------------------------
+# -- (d) inbound connection leak, (p) auto-connector ----------------------------------------
+
+
+class _DialsNobody(AutoConnector):
+    """An auto-connector that never dials: 0.8.1's dials peerstore peers whenever the swarm holds
+    fewer than (low + high watermark) / 2 connections, every 30 s and after each disconnection,
+    so a peer we dropped (a frozen one, say) comes back. fednode's dial planner decides."""
+
+    async def maybe_connect(self) -> None:
+        return None
 
 
 class FednodeSwarm(Swarm):
-    """A Swarm whose inbound-connection task ends when its connection closes.
+    """A Swarm whose inbound-connection task ends when its connection closes, and which does not
+    dial on its own (see ``_DialsNobody``).
 
     In 0.8.1 ``_do_handle_inbound_connection`` ends with ``await self.manager.wait_finished()``,
     so every inbound connection keeps its listener task and its ``_inbound_limiter`` slot until
@@ -121,6 +132,10 @@ class FednodeSwarm(Swarm):
     The connection itself runs in the swarm's manager either way; this task only owns the socket
     (trio's ``serve_listeners`` closes it when the task returns), which is why it must wait.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.auto_connector = _DialsNobody(self, self.connection_config.auto_connect_interval)
 
     async def _do_handle_inbound_connection(
         self, read_write_closer: Any, maddr: Multiaddr, failure_event: Any

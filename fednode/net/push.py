@@ -61,6 +61,7 @@ PUSH_PROTOCOL = "/fednode/push/1.0.0"
 #: Largest signed update envelope accepted in an offer.
 MAX_ENVELOPE = 64 << 10
 _SMALL_FRAME = 8192
+_MAX_REASON = 512
 
 Admit = Callable[[ModelUpdate, Envelope], "str | None"]
 """``admit(update, envelope)``: ``None`` to accept, else the reason to refuse (wrong round, not
@@ -120,6 +121,7 @@ async def push_update(
     Raises:
         TransferError: the stream failed, timed out or ended without an ack, or the receiver
             rejected the blob.
+        WireError: the receiver answered with a malformed frame.
         LocalProtocolError: ``source`` does not hold the blob the envelope names.
     """
     update, _ = open_envelope(envelope, ModelUpdate)
@@ -284,13 +286,15 @@ class PushServer:
     ) -> None:
         if status == "refuse":
             self._counts["refused"] += 1
-        await send_frame(stream, encode(PushReply(status=status, reason=reason)), self.timeout)
+        reply = PushReply(status=status, reason=reason[:_MAX_REASON])
+        await send_frame(stream, encode(reply), self.timeout)
 
     async def _ack(
         self, stream: Stream, status: Literal["stored", "rejected"], reason: str = ""
     ) -> None:
         self._counts[status] += 1
-        await send_frame(stream, encode(PushAck(status=status, reason=reason)), self.timeout)
+        ack = PushAck(status=status, reason=reason[:_MAX_REASON])
+        await send_frame(stream, encode(ack), self.timeout)
 
     async def _receive(self, stream: Stream) -> None:
         self._counts["offers"] += 1
@@ -319,59 +323,64 @@ class PushServer:
         self._active += 1
         outcome = "cancelled"
         try:
-            outcome = await self._take(stream, offer, update, envelope)
+            failure = await self._transfer(stream, offer, update)
+            if failure is not None:
+                outcome = failure
+                return
+            reason = await self.on_stored(update, envelope) if self.on_stored else None
+            if reason is not None:
+                self.store.unpin(update.update)
+                outcome = f"rejected: {reason}"
+                await self._ack(stream, "rejected", reason)
+                return
+            # Taken into account: if the ack is lost now, the sender retries and admit sees a
+            # duplicate; the update is not abandoned.
+            outcome = "stored"
+            await self._ack(stream, "stored")
         except PEER_ERRORS as exc:
-            outcome = str(exc)
+            if outcome == "cancelled":
+                outcome = str(exc)
             raise
         finally:
             self._active -= 1
             if outcome != "stored" and self.on_abandoned is not None:
                 self.on_abandoned(update, outcome)
 
-    async def _take(
-        self, stream: Stream, offer: PushOffer, update: ModelUpdate, envelope: Envelope
-    ) -> str:
-        """Receive, verify and store an admitted update; returns "stored" or why not."""
+    async def _transfer(self, stream: Stream, offer: PushOffer, update: ModelUpdate) -> str | None:
+        """Receive, verify, store and pin an admitted update's blob; ``None`` once it is stored,
+        else why not."""
         key = update.update
         if self.store.has(key):
             self.store.pin(key)
             await self._reply(stream, "have")
-        else:
-            await self._reply(stream, "accept")
-            partial = self.store.open_partial(key)
-            with partial:
+            return None
+        await self._reply(stream, "accept")
+        with self.store.open_partial(key) as partial:
 
-                def on_chunk(n: int) -> None:
-                    self._bytes_received += n
+            def on_chunk(n: int) -> None:
+                self._bytes_received += n
 
-                try:
-                    await receive_chunks(
-                        stream,
-                        partial,
-                        offer.chunks,
-                        chunk_size=offer.chunk_size,
-                        size=update.size,
-                        stall_timeout=self.stall_timeout,
-                        on_chunk=on_chunk,
-                    )
-                except ChunkMismatch as exc:
-                    self._counts["rejected"] += 1
-                    log.info("push from %s: %s", stream.remote_peer, exc)
-                    return f"tampered: {exc}"
-                try:
-                    await run_io(sync_cost(self.store), partial.commit, True)
-                except TransferError as exc:
-                    await self._ack(
-                        stream, "rejected", f"the blob does not match the update: {exc}"
-                    )
-                    return "rejected: digest mismatch"
-        reason = await self.on_stored(update, envelope) if self.on_stored is not None else None
-        if reason is not None:
-            self.store.unpin(key)
-            await self._ack(stream, "rejected", reason)
-            return f"rejected: {reason}"
-        await self._ack(stream, "stored")
-        return "stored"
+            try:
+                await receive_chunks(
+                    stream,
+                    partial,
+                    offer.chunks,
+                    chunk_size=offer.chunk_size,
+                    size=update.size,
+                    stall_timeout=self.stall_timeout,
+                    on_chunk=on_chunk,
+                )
+            except ChunkMismatch as exc:
+                self._counts["rejected"] += 1
+                log.info("push from %s: %s", stream.remote_peer, exc)
+                await abort(stream)
+                return f"tampered: {exc}"
+            try:
+                await run_io(sync_cost(self.store), partial.commit, True)
+            except TransferError as exc:
+                await self._ack(stream, "rejected", f"the blob does not match the update: {exc}")
+                return "rejected: digest mismatch"
+        return None
 
 
 async def _close(stream: Stream) -> None:

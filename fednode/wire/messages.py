@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from fednode.wire.arrays import MAX_NAME_LEN, MAX_NDIM
 from fednode.wire.schema import (
     Digest,
     FederationId,
@@ -64,7 +65,9 @@ class TensorInfo:
     shape: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        _require(all(d >= 0 for d in self.shape), "dimensions must be non-negative")
+        _require(0 < len(self.name) <= MAX_NAME_LEN, f"name must be 1 to {MAX_NAME_LEN} characters")
+        _require(len(self.shape) <= MAX_NDIM, f"at most {MAX_NDIM} dimensions")
+        _require(all(0 <= d < 1 << 40 for d in self.shape), "dimensions must be in [0, 2**40)")
 
 
 @message("blob-header")
@@ -107,9 +110,13 @@ class ModelUpdate:
     nonce: Nonce
 
     def __post_init__(self) -> None:
+        # Training code reports counts as ints; the wire carries metrics as floats.
+        if any(type(v) is int for v in self.metrics.values()):
+            object.__setattr__(self, "metrics", {k: float(v) for k, v in self.metrics.items()})
         _require(self.round >= 0, "round must be non-negative")
         _require(self.num_examples > 0, "num_examples must be positive")
         _require(self.size >= 0, "size must be non-negative")
+        _require(self.created_ms >= 0, "created_ms must be non-negative")
 
 
 @record
@@ -149,6 +156,8 @@ class PartialAggregate:
 
     def __post_init__(self) -> None:
         _require(self.round >= 0, "round must be non-negative")
+        _require(self.size >= 0, "size must be non-negative")
+        _require(self.created_ms >= 0, "created_ms must be non-negative")
         _require(len(self.contributions) > 0, "a partial needs at least one contribution")
         signers = [c.signer for c in self.contributions]
         _require(
@@ -168,7 +177,10 @@ class PartialRef:
     combiner: PublicKey
     partial: Digest
     total_weight: int
-    contributions: Digest  #: BLAKE3 of the canonical encoding of the partial's contributions
+    contributions: Digest  #: BLAKE3 of the canonical CBOR array of the partial's contributions
+
+    def __post_init__(self) -> None:
+        _require(self.total_weight > 0, "total_weight must be positive")
 
 
 @message("global-model")
@@ -189,6 +201,9 @@ class GlobalModel:
 
     def __post_init__(self) -> None:
         _require(self.round >= 0, "round must be non-negative")
+        _require(self.size >= 0, "size must be non-negative")
+        _require(self.created_ms >= 0, "created_ms must be non-negative")
+        _require(self.parent is not None or not self.partials, "an initial model (no parent) has no partials")
         _require(
             self.num_examples == sum(p.total_weight for p in self.partials),
             "num_examples must be the sum of partial weights",

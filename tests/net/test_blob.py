@@ -9,6 +9,7 @@ so all file work runs inline and virtual times are exact.
 from __future__ import annotations
 
 import random
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import trio
 from trio.testing import MockClock
 
 from fednode.crypto import NodeKey, digest
-from fednode.errors import TransportError
+from fednode.errors import TransferError, TransportError
 from fednode.net.blob import (
     BLOB_PROTOCOL,
     BlobServer,
@@ -576,3 +577,72 @@ async def test_progress_on_a_slow_link_is_paced_by_the_reader(
         # Assert: 2 s for the response frame, then a chunk per 4 s; 18 s in all, never stalled
         assert swarm.store.get(digest(data)) == data
         assert times == [6.0, 10.0, 14.0, 18.0]
+
+
+# ------------------------------------------------------------------------------------- framing
+
+
+@asynccontextmanager
+async def scripted_stream(script: Callable[[Stream], Awaitable[None]]) -> AsyncIterator[Stream]:
+    """A stream to a peer whose handler runs ``script``."""
+    network = MemoryNetwork(seed=1, stream_buffer=STREAM_BUFFER)
+    async with (
+        network.open_host(NodeKey(bytes([1]) * 32)) as a,
+        network.open_host(NodeKey(bytes([2]) * 32)) as b,
+    ):
+        b.set_stream_handler("/test/1", script)
+        await a.connect(b.listen_addrs()[0])
+        yield await a.open_stream(b.peer_id, "/test/1")
+
+
+async def test_frames_round_trip_small_and_large(autojump_clock: MockClock) -> None:
+    payloads = [b"", b"x", blob(300_000)]
+
+    async def echo(stream: Stream) -> None:
+        for _ in payloads:
+            await send_frame(stream, await receive_frame(stream, 1 << 20, 5), 5)
+
+    async with scripted_stream(echo) as stream:
+        for payload in payloads:
+            await send_frame(stream, payload, 5)
+            assert await receive_frame(stream, 1 << 20, 5) == payload
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"\x00\x00", b"\x00\x00\x00\x05abc"],
+    ids=["before-the-frame", "inside-the-length", "inside-the-body"],
+)
+async def test_end_of_stream_before_or_inside_a_frame_is_a_transfer_error(
+    sent: bytes, autojump_clock: MockClock
+) -> None:
+    async def says_little(stream: Stream) -> None:
+        await stream.send_all(sent)
+        await stream.send_eof()
+
+    async with scripted_stream(says_little) as stream:
+        with pytest.raises(TransferError, match="peer closed mid-transfer"):
+            await receive_frame(stream, 1024, 5)
+
+
+async def test_an_oversize_frame_is_refused_unread_and_the_stream_reset(
+    autojump_clock: MockClock,
+) -> None:
+    async def big(stream: Stream) -> None:
+        await stream.send_all(struct.pack(">I", 10_000) + bytes(10_000))
+
+    async with scripted_stream(big) as stream:
+        with pytest.raises(TransferError, match="exceeds the 1024-byte limit"):
+            await receive_frame(stream, 1024, 5)
+        with pytest.raises(TransportError):
+            await stream.receive_some(1)
+
+
+async def test_a_frame_read_times_out_at_its_deadline(autojump_clock: MockClock) -> None:
+    async def silent(stream: Stream) -> None:
+        await trio.sleep_forever()
+
+    async with scripted_stream(silent) as stream:
+        with pytest.raises(TransferError, match="timed out"):
+            await receive_frame(stream, 1024, 2.5)
+        assert trio.current_time() == 2.5

@@ -372,6 +372,32 @@ async def test_a_receiver_that_does_not_read_blocks_the_sender(
     assert int.from_bytes(reply, "big") == total
 
 
+async def test_writing_to_a_stream_the_peer_closed_fails_promptly(
+    make_host: HostFactory, clock: MockClock | None
+) -> None:
+    # Prepare: a handler that turns a request down after its first byte (and so closes the
+    # stream) while the opener is still uploading; the upload must fail, not stall.
+    a, b = await connected_pair(make_host)
+
+    async def refuse(stream: Stream) -> None:
+        await stream.receive_some(1)
+
+    b.set_stream_handler(HOLD, refuse)
+    b.set_stream_handler(ECHO, echo)
+    sent = 0
+    with trio.fail_after(DEADLINE):
+        stream = await a.open_stream(b.peer_id, HOLD)
+        # Execute
+        with trio.fail_after(5), pytest.raises(TransportError):
+            while sent < 20 * MiB:
+                await stream.send_all(bytes(MiB))
+                sent += MiB
+        # Assert: only that stream failed; the connection carries on
+        assert b.peer_id in a.connected_peers()
+        assert await exchange(await a.open_stream(b.peer_id, ECHO), b"still here") == b"still here"
+    assert sent < 20 * MiB
+
+
 async def test_disconnect_notifies_both_sides_and_fails_streams(
     make_host: HostFactory, clock: MockClock | None
 ) -> None:

@@ -69,6 +69,7 @@ class Combiner:
     abandoned: list[tuple[ModelUpdate, str]] = field(default_factory=list)
     on_stored_reason: str | None = None
     on_stored_delay: float = 0.0
+    gave_up: trio.Event = field(default_factory=trio.Event)
 
     def admit(self, update: ModelUpdate, envelope: Envelope) -> str | None:
         assert envelope.signer == update.signer
@@ -82,6 +83,7 @@ class Combiner:
 
     def on_abandoned(self, update: ModelUpdate, reason: str) -> None:
         self.abandoned.append((update, reason))
+        self.gave_up.set()
 
 
 @dataclass
@@ -267,6 +269,7 @@ async def test_push_of_a_blob_not_matching_the_update_is_rejected_and_nothing_st
         reply = decode(bytes(await receive_frame(stream, 4096, 5)), PushReply)
         await send_all(stream, sent, 5)
         ack = decode(bytes(await receive_frame(stream, 4096, 5)), PushAck)
+        await pair.combiner.gave_up.wait()
         # Assert
         assert reply.status == "accept"
         assert ack.status == "rejected" and "does not match" in ack.reason
@@ -296,6 +299,7 @@ async def test_push_with_a_tampered_chunk_stops_at_that_chunk(
         # Execute
         with pytest.raises(TransferError):
             await push_update(client, pair.peer, envelope, data, chunk_size=CHUNK)  # type: ignore[arg-type]
+        await pair.combiner.gave_up.wait()
         # Assert: two chunks were taken, the third was caught, nothing was stored
         stats = pair.server.statistics()
         assert (stats.rejected, stats.stored, stats.bytes_received) == (1, 0, 2 * CHUNK)
@@ -349,6 +353,7 @@ async def test_on_stored_can_reject_and_the_sender_learns_why(
         pair.combiner.on_stored_reason = "round closed"
         with pytest.raises(TransferError, match="rejected the update: round closed"):
             await push_update(pair.client, pair.peer, sealed_update(data), data, chunk_size=CHUNK)
+        await pair.combiner.gave_up.wait()
         assert not pair.store.pinned(digest(data))
         assert [reason for _, reason in pair.combiner.abandoned] == ["rejected: round closed"]
 
