@@ -294,3 +294,23 @@ def test_a_payload_over_the_limits_is_a_wire_error() -> None:
     # Execute / Assert
     with pytest.raises(WireError):
         open_envelope(envelope, ModelUpdate, limits)
+
+
+def test_key_files_are_never_signed_nor_accepted_from_an_envelope() -> None:
+    # Prepare
+    import time
+
+    from fednode.crypto import KeyFile, NodeKey, open_envelope, seal, signing_input
+    from fednode.errors import WireError
+    from fednode.wire import Envelope, encode
+
+    key = NodeKey.generate()
+    key_file = KeyFile(seed=key.seed, created_ms=int(time.time() * 1000))
+    payload = encode(key_file)
+    domain = "fednode/ed25519-key/v1"
+    forged = Envelope(signer=key.public_key, domain=domain, payload=payload, signature=key.sign(signing_input(domain, payload)))
+    # Execute / Assert
+    with pytest.raises(ValueError):
+        seal(key, key_file)
+    with pytest.raises(WireError):
+        open_envelope(encode(forged))

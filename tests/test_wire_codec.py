@@ -438,7 +438,7 @@ def test_encoding_an_unregistered_dataclass_is_a_type_error() -> None:
         encode(record)
 
 
-@settings(max_examples=300)
+@settings(max_examples=200)
 @given(data=st.data())
 def test_a_flipped_bit_decodes_to_a_valid_message_or_raises_wire_error(data: st.DataObject) -> None:
     # Prepare

@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Any, TypeVar, cast
 
 from fednode.crypto.keys import NodeKey, peer_id_from_public_key, verify
-from fednode.errors import BadSignatureError
+from fednode.errors import BadSignatureError, WireError
 from fednode.wire import CONTROL_LIMITS, Envelope, Limits, decode, encode
+from fednode.wire.schema import LOCAL_TYPES
 
 M = TypeVar("M")
 _CONTEXT = b"fednode-envelope-v1\x00"
@@ -41,6 +42,8 @@ def signing_input(domain: str, payload: bytes) -> bytes:
 
 def seal(key: NodeKey, msg: Any) -> Envelope:
     """Sign a message into an envelope."""
+    if msg.TYPE in LOCAL_TYPES:
+        raise ValueError(f"a {msg.TYPE!r} is a local storage format and is never signed")
     payload = encode(msg)
     domain = domain_of(type(msg))
     return Envelope(signer=key.public_key, domain=domain, payload=payload, signature=key.sign(signing_input(domain, payload)))
@@ -72,6 +75,8 @@ def open_envelope(
     # Decoded as any type: with the domain already matched to ``expected``, a payload of another
     # type is a signer's lie about what it signed, caught as such just below.
     msg: Any = decode(envelope.payload, limits=limits)
+    if msg.TYPE in LOCAL_TYPES:
+        raise WireError(f"a {msg.TYPE!r} never travels in an envelope", "payload")
     if domain_of(type(msg)) != envelope.domain:
         raise BadSignatureError(f"payload is a {msg.TYPE!r} but was signed for {envelope.domain!r}")
     author = AUTHOR_FIELDS.get(msg.TYPE)

@@ -27,7 +27,7 @@ _IDENTITY_MULTIHASH_PREFIX = b"\x00\x24"  # identity hash, 36 bytes
 MAX_KEY_FILE = 4096
 
 
-@message("ed25519-key")
+@message("ed25519-key", local=True)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeyFile:
     """A node key as stored on disk (mode 0600)."""

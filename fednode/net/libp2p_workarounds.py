@@ -82,6 +82,7 @@ _ROUTINE_ERRORS = {
     "libp2p.host.basic_host": ("Failed to open stream to peer",),
     "libp2p.protocol_muxer.multiselect_client": ("MultiselectClient handshake",),
     "libp2p.stream_muxer.yamux.yamux": ("Error in handle_incoming",),
+    "libp2p.transport.tcp.tcp": ("Failed to open TCP stream",),  # a refused dial: we raise
 }
 _quieted = False
 

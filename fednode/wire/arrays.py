@@ -25,6 +25,7 @@ from cbor2 import CBORTag
 from fednode.errors import WireError
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+_BFLOAT16_BITS = np.dtype("<u2")  # bfloat16 on the wire: little-endian 16-bit patterns
 
 #: numpy dtype name -> RFC 8746 little-endian typed-array tag.
 DTYPE_TAGS: dict[str, int] = {
@@ -167,7 +168,9 @@ def encode_array(
     """
     name = dtype_name(array.dtype)
     shape = list(array.shape)
-    if name != "bfloat16":
+    if name == "bfloat16":  # no numpy byte-order flag for it: go through its 16-bit pattern
+        array = array.view(np.uint16).astype("<u2", copy=False)
+    else:
         array = array.astype(array.dtype.newbyteorder("<"), copy=False)
     array = np.ascontiguousarray(array)
     if splicer is not None and array.nbytes >= SPLICE_MIN_BYTES:
@@ -221,7 +224,8 @@ def decode_array(value: Any, path: str = "") -> np.ndarray[Any, Any]:
             raise WireError("array map must have exactly dtype, shape and data", path)
         if value["dtype"] != "bfloat16":
             raise WireError(f"array map form is only for bfloat16, not {value['dtype']!r}", path)
-        return _from_bytes(value["data"], BFLOAT16, _check_shape(value["shape"], path), path)
+        bits = _from_bytes(value["data"], _BFLOAT16_BITS, _check_shape(value["shape"], path), path)
+        return bits.astype(np.uint16, copy=False).view(BFLOAT16)
     raise WireError(f"expected an array, got {type(value).__name__}", path)
 
 

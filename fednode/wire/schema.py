@@ -57,11 +57,16 @@ class _Codec:
 
 
 REGISTRY: dict[str, type[Any]] = {}
+LOCAL_TYPES: set[str] = set()
 _CODECS: dict[type[Any], _Codec] = {}
 
 
-def message(type_name: str, version: int = 1) -> Callable[[type[M]], type[M]]:
-    """Register a dataclass as the wire message ``type_name``, version ``version``."""
+def message(type_name: str, version: int = 1, *, local: bool = False) -> Callable[[type[M]], type[M]]:
+    """Register a dataclass as the wire message ``type_name``, version ``version``.
+
+    A ``local`` message (a key file) is a storage format: it decodes from disk, but is never
+    signed into, or accepted from, an envelope.
+    """
 
     def register(cls: type[M]) -> type[M]:
         if type_name in REGISTRY:
@@ -70,6 +75,8 @@ def message(type_name: str, version: int = 1) -> Callable[[type[M]], type[M]]:
         cls.TYPE = type_name  # type: ignore[attr-defined]
         cls.VERSION = version  # type: ignore[attr-defined]
         REGISTRY[type_name] = cls
+        if local:
+            LOCAL_TYPES.add(type_name)
         return cls
 
     return register
@@ -232,6 +239,12 @@ def encode(msg: Any) -> bytes:
     splicer = Splicer()
     skeleton = cbor2.dumps(_to_map(msg, splicer, typed=True), canonical=True)
     if not splicer:
+        # Small messages: check that what we send is what receivers accept (a 31-byte digest or
+        # an int where a float belongs is our bug, and must fail here rather than at every peer).
+        try:
+            _from_map(type(msg), cbor2.loads(skeleton), "", typed=True)
+        except WireError as exc:
+            raise ValueError(f"cannot encode {msg.TYPE!r}: {exc}") from None
         return skeleton
     spliced = splicer.splice(skeleton)
     if spliced is None:  # a placeholder's random marker also occurs elsewhere in the message
