@@ -295,6 +295,18 @@ def test_save_refuses_to_overwrite_unless_told(tmp_path: Path) -> None:
     assert _mode(path) == 0o600
 
 
+def test_save_into_an_unusable_directory_is_a_key_file_error(tmp_path: Path) -> None:
+    # Prepare: the key's parent "directory" is a regular file
+    blocker = tmp_path / "state"
+    blocker.write_bytes(b"")
+
+    # Execute / Assert
+    with pytest.raises(KeyFileError):
+        save_key(NodeKey(b"\1" * 32), blocker / "node.key")
+    with pytest.raises(KeyFileError):
+        load_or_create_key(blocker / "sub" / "node.key")
+
+
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o700])
 def test_load_refuses_a_key_file_others_can_access(tmp_path: Path, mode: int) -> None:
     # Prepare

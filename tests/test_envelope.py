@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from fednode.crypto import (
+    KeyFile,
     NodeKey,
     domain_of,
     open_envelope,
@@ -297,20 +298,12 @@ def test_a_payload_over_the_limits_is_a_wire_error() -> None:
 
 
 def test_key_files_are_never_signed_nor_accepted_from_an_envelope() -> None:
-    # Prepare
-    import time
+    # Prepare: a key file is a local storage format; one in an envelope is a leak or an attack
+    key_file = KeyFile(seed=CLIENT.seed, created_ms=0)
+    forged = signed_as(CLIENT, domain_of(KeyFile), encode(key_file))
 
-    from fednode.crypto import KeyFile, NodeKey, open_envelope, seal, signing_input
-    from fednode.errors import WireError
-    from fednode.wire import Envelope, encode
-
-    key = NodeKey.generate()
-    key_file = KeyFile(seed=key.seed, created_ms=int(time.time() * 1000))
-    payload = encode(key_file)
-    domain = "fednode/ed25519-key/v1"
-    forged = Envelope(signer=key.public_key, domain=domain, payload=payload, signature=key.sign(signing_input(domain, payload)))
     # Execute / Assert
     with pytest.raises(ValueError):
-        seal(key, key_file)
+        seal(CLIENT, key_file)
     with pytest.raises(WireError):
-        open_envelope(encode(forged))
+        open_envelope(forged)

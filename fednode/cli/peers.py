@@ -20,9 +20,17 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="show the peers a running node sees",
         description="Connect to a running node and show its membership view.",
     )
-    parser.add_argument("addr", metavar="ADDR", help="the node's full multiaddr (/ip4/…/tcp/…/p2p/12D3…)")
+    parser.add_argument(
+        "addr", metavar="ADDR", help="the node's full multiaddr (/ip4/…/tcp/…/p2p/12D3…)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="give up after this long (default: 10)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up after this long (default: 10)",
+    )
     return parser
 
 
@@ -77,13 +85,27 @@ def _print(status: NodeStatus, *, as_json: bool) -> None:
                 ("federation", status.federation),
                 ("uptime", f"{status.uptime_ms / 1000:.1f} s"),
                 ("connections", str(status.connected)),
-                ("heartbeats", f"{status.heartbeats_accepted} accepted, {status.heartbeats_rejected} rejected"),
+                (
+                    "heartbeats",
+                    f"{status.heartbeats_accepted} accepted, {status.heartbeats_rejected} rejected",
+                ),
             ],
             indent=0,
         ),
     )
     table = Table(title=f"{len(status.peers)} peer(s)", title_justify="left")
-    for column in ("peer ID", "role", "state", "region", "cpu", "mem", "clients", "RTT", "last seen", "round"):
+    for column in (
+        "peer ID",
+        "role",
+        "state",
+        "region",
+        "cpu",
+        "mem",
+        "clients",
+        "RTT",
+        "last seen",
+        "round",
+    ):
         table.add_column(column, no_wrap=True)
     for p in status.peers:
         table.add_row(

@@ -22,20 +22,40 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "start",
         help="run a node",
-        description="Run a fednode node until Ctrl-C. Flags override the config file's [node] table.",
+        description="Run a fednode node until Ctrl-C. "
+        "Flags override the config file's [node] table.",
     )
     parser.add_argument("--role", choices=ROLES, help="the node's role (default: auto)")
-    parser.add_argument("--config", type=Path, metavar="FILE", help="a TOML file with a [node] table")
-    parser.add_argument("--data-dir", type=Path, metavar="DIR", help="key, peerstore and blobs (default: ./fednode-data)")
     parser.add_argument(
-        "--listen", action="append", metavar="MULTIADDR", help="listen address, repeatable (default: /ip4/0.0.0.0/tcp/0; none for a client)"
+        "--config", type=Path, metavar="FILE", help="a TOML file with a [node] table"
     )
-    parser.add_argument("--bootstrap", action="append", metavar="ADDR", help="a bootstrap peer's full multiaddr, repeatable")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="key, peerstore and blobs (default: ./fednode-data)",
+    )
+    parser.add_argument(
+        "--listen",
+        action="append",
+        metavar="MULTIADDR",
+        help="listen address, repeatable (default: /ip4/0.0.0.0/tcp/0; none for a client)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="ADDR",
+        help="a bootstrap peer's full multiaddr, repeatable",
+    )
     parser.add_argument("--federation", metavar="ID", help="federation id (default: default)")
     parser.add_argument("--region", help="a region label advertised in heartbeats")
     parser.add_argument("--capacity", type=int, help="clients this node can take as a combiner")
-    parser.add_argument("--heartbeat-interval", type=float, metavar="SECONDS", help="heartbeat period (default: 1)")
-    parser.add_argument("--mdns", action="store_true", default=None, help="also find peers on the LAN with mDNS")
+    parser.add_argument(
+        "--heartbeat-interval", type=float, metavar="SECONDS", help="heartbeat period (default: 1)"
+    )
+    parser.add_argument(
+        "--mdns", action="store_true", default=None, help="also find peers on the LAN with mDNS"
+    )
     parser.add_argument("--quiet", action="store_true", help="do not log membership changes")
     return parser
 
@@ -89,9 +109,15 @@ async def _serve(config: NodeConfig) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_libp2p_host(key, config.listen_addrs()) as host:
             addrs = host.listen_addrs()
-            rows = [("peer ID", key.peer_id), ("role", config.role), ("federation", config.federation)]
+            rows = [
+                ("peer ID", key.peer_id),
+                ("role", config.role),
+                ("federation", config.federation),
+            ]
             rows += [("key", f"{config.key_path}{' (new)' if created else ''}")]
-            rows += [("listening", addr) for addr in addrs] or [("listening", "no inbound port (dials out only)")]
+            rows += [("listening", addr) for addr in addrs] or [
+                ("listening", "no inbound port (dials out only)")
+            ]
             show(console, field_lines(rows, indent=0))
             console.file.flush()
             async with open_node(config, key, host, load=system_load):

@@ -19,20 +19,25 @@ from rich.console import Console
 from rich.rule import Rule
 
 from fednode.crypto import digest, load_key, seal_bytes
-from fednode.wire import ModelBlob, ModelUpdate, encode
+from fednode.wire import FederationId, Model, ModelBlob, ModelUpdate, Nonce, SessionId, encode
 
 console = Console()
 
 
 def _run(*args: str, expect: int = 0) -> None:
     console.print(f"[bold]$ fednode {shlex.join(args)}[/bold]")
-    result = subprocess.run([sys.executable, "-m", "fednode", *args], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "fednode", *args], capture_output=True, text=True
+    )
     for stream in (result.stdout, result.stderr):
         if stream.strip():
             console.print(stream.rstrip(), markup=False, highlight=False)
     console.print(f"[dim](exit code {result.returncode})[/dim]\n")
     if result.returncode != expect:
-        raise SystemExit(f"walkthrough: `fednode {shlex.join(args)}` exited {result.returncode}, expected {expect}")
+        raise SystemExit(
+            f"walkthrough: `fednode {shlex.join(args)}` exited {result.returncode},"
+            f" expected {expect}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         "fc2.weight": rng.standard_normal((10, 32), dtype=np.float32),
         "fc2.bias": np.zeros(10, np.float32),
     }
-    blob = encode(ModelBlob(tensors=model))
+    blob = encode(ModelBlob(tensors=Model(model)))
     (workdir / "model.cbor").write_bytes(blob)
     key = load_key(key_path)
     update = ModelUpdate(
-        federation="walkthrough",
-        session="s1",
+        federation=FederationId("walkthrough"),
+        session=SessionId("s1"),
         round=1,
         parent=digest(b"initial model"),
         update=digest(blob),
@@ -70,11 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         metrics={"loss": 0.42, "accuracy": 0.91},
         signer=key.public_key,
         created_ms=int(time.time() * 1000),
-        nonce=os.urandom(16),
+        nonce=Nonce(os.urandom(16)),
     )
     signed = seal_bytes(key, update)
     (workdir / "update.cbor").write_bytes(signed)
-    console.print(f"A {len(blob)}-byte model blob (content address = BLAKE3-256 of its bytes) and a")
+    console.print(
+        f"A {len(blob)}-byte model blob (content address = BLAKE3-256 of its bytes) and a"
+    )
     console.print(f"{len(signed)}-byte signed update that commits to it.\n")
     _run("inspect", str(workdir / "model.cbor"))
     _run("inspect", str(workdir / "update.cbor"))

@@ -4,7 +4,14 @@
 from __future__ import annotations
 
 from fednode.crypto.digest import DIGEST_SIZE, Hasher, digest, digest_chunks
-from fednode.crypto.envelope import domain_of, open_envelope, seal, seal_bytes, signing_input, verify_envelope
+from fednode.crypto.envelope import (
+    domain_of,
+    open_envelope,
+    seal,
+    seal_bytes,
+    signing_input,
+    verify_envelope,
+)
 from fednode.crypto.keys import (
     KeyFile,
     NodeKey,

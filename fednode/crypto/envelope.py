@@ -46,7 +46,12 @@ def seal(key: NodeKey, msg: Any) -> Envelope:
         raise ValueError(f"a {msg.TYPE!r} is a local storage format and is never signed")
     payload = encode(msg)
     domain = domain_of(type(msg))
-    return Envelope(signer=key.public_key, domain=domain, payload=payload, signature=key.sign(signing_input(domain, payload)))
+    return Envelope(
+        signer=key.public_key,
+        domain=domain,
+        payload=payload,
+        signature=key.sign(signing_input(domain, payload)),
+    )
 
 
 def seal_bytes(key: NodeKey, msg: Any) -> bytes:

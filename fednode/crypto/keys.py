@@ -22,7 +22,9 @@ from fednode.errors import BadSignatureError, KeyFileError, WireError
 from fednode.wire import PeerId, PublicKey, Signature, decode, encode, message
 
 SEED_SIZE = 32
-_PROTOBUF_ED25519_PREFIX = b"\x08\x01\x12\x20"  # field 1 (Type) = 1 (Ed25519); field 2 (Data), 32 bytes
+_PROTOBUF_ED25519_PREFIX = (
+    b"\x08\x01\x12\x20"  # field 1 (Type) = 1 (Ed25519); field 2 (Data), 32 bytes
+)
 _IDENTITY_MULTIHASH_PREFIX = b"\x00\x24"  # identity hash, 36 bytes
 MAX_KEY_FILE = 4096
 
@@ -63,7 +65,7 @@ def public_key_from_peer_id(peer_id: str) -> PublicKey:
 class NodeKey:
     """An Ed25519 signing key with its public key and peer ID."""
 
-    __slots__ = ("_signing", "public_key", "peer_id")
+    __slots__ = ("_signing", "peer_id", "public_key")
 
     def __init__(self, seed: bytes) -> None:
         if len(seed) != SEED_SIZE:
@@ -93,17 +95,24 @@ def verify(public_key: bytes, data: bytes, signature: bytes) -> None:
     """Raise :class:`BadSignatureError` unless ``signature`` by ``public_key`` covers ``data``."""
     try:
         nacl.signing.VerifyKey(public_key).verify(data, signature)
-    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError) as exc:
+    except (
+        nacl.exceptions.BadSignatureError,
+        nacl.exceptions.ValueError,
+        nacl.exceptions.TypeError,
+    ) as exc:
         raise BadSignatureError("signature does not verify") from exc
 
 
 def save_key(key: NodeKey, path: Path, *, overwrite: bool = False) -> None:
-    """Write ``key`` to ``path`` with mode 0600, atomically. Refuses to replace a file unless told."""
+    """Write ``key`` to ``path`` (mode 0600) atomically; replaces a file only if told to."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise KeyFileError(f"{path} already exists; pass --force to overwrite it")
     data = encode(KeyFile(seed=key.seed, created_ms=int(time.time() * 1000)))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a parent is a regular file
+        raise KeyFileError(f"cannot create the directory of {path}: {exc.strerror}") from exc
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -130,14 +139,18 @@ def load_key(path: Path) -> NodeKey:
     try:
         st = path.stat()
     except FileNotFoundError as exc:
-        raise KeyFileError(f"key file {path} does not exist (create one with `fednode keygen {path}`)") from exc
+        raise KeyFileError(
+            f"key file {path} does not exist (create one with `fednode keygen {path}`)"
+        ) from exc
     except OSError as exc:
         raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from exc
     if not stat.S_ISREG(st.st_mode):
         raise KeyFileError(f"key file {path} is not a regular file")
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
-        raise KeyFileError(f"key file {path} has mode {mode:04o}; others must not read it: chmod 600 {path}")
+        raise KeyFileError(
+            f"key file {path} has mode {mode:04o}; others must not read it: chmod 600 {path}"
+        )
     if st.st_size > MAX_KEY_FILE:
         raise KeyFileError(f"key file {path} is {st.st_size} bytes; not a fednode key")
     try:

@@ -249,6 +249,7 @@ class Libp2pHost:
             remote_peer=peer,
             limits=self._limits,
             on_stall=self._on_stall,
+            spawn=self._nursery.start_soon,
         )
 
     async def _on_stall(self, peer: PeerId, reason: str) -> None:
@@ -320,7 +321,6 @@ class Libp2pHost:
             )
         async with self._publish_lock:
             await trio.sleep_until(self._next_publish)
-            await self._wait_for_queue_room()
             try:
                 await self._pubsub.publish(topic, bytes(data))
             except Exception as exc:
@@ -435,8 +435,8 @@ def _log_handler_failure(protocol: str, peer: PeerId, exc: Exception) -> None:
 
 
 def _parse_listen_addrs(listen_addrs: Sequence[str]) -> list[Multiaddr]:
-    maddrs = []
-    for text in listen_addrs:
+    maddrs: list[Multiaddr] = []
+    for text in dict.fromkeys(listen_addrs):  # libp2p keys listeners by address: no duplicates
         try:
             maddr = Multiaddr(text)
             host = maddr.value_for_protocol("ip4") or maddr.value_for_protocol("ip6")
@@ -493,36 +493,70 @@ async def open_libp2p_host(
         adaptive_gossip_enabled=False,
     )
     pubsub = Pubsub(lhost, router, strict_signing=True)
-    async with lhost.run(maddrs):
-        try:
-            if len(lhost.get_transport_addrs()) < len(maddrs):
-                raise TransportError(f"could not listen on all of {list(listen_addrs)}")
-            async with (
-                background_trio_service(pubsub),
-                background_trio_service(router),
-                trio.open_nursery() as nursery,
-            ):
-                # Our tasks get a nursery of their own, so that closing the host cancels them
-                # and not the caller's code inside this block.
-                tasks: trio.Nursery = await nursery.start(_task_nursery)
-                host = Libp2pHost(
-                    lhost,
-                    pubsub,
-                    router,
-                    tasks,
-                    limits=StreamLimits(send_timeout=send_timeout, stall_timeout=stall_timeout),
-                    dial_timeout=dial_timeout,
-                    gossip_max_message=gossip_max_message,
-                    publish_interval=publish_interval,
-                    subscription_buffer=subscription_buffer,
-                )
-                try:
-                    yield host
-                finally:
-                    await host.aclose()
-        finally:
-            with trio.CancelScope(shield=True):
-                await close_network(lhost)
+    limits = StreamLimits(send_timeout=send_timeout, stall_timeout=stall_timeout)
+    body_error: BaseException | None = None
+    try:
+        async with lhost.run(maddrs):
+            try:
+                if len(lhost.get_transport_addrs()) < len(maddrs):
+                    raise TransportError(f"could not listen on all of {list(listen_addrs)}")
+                async with (
+                    background_trio_service(pubsub),
+                    background_trio_service(router),
+                    trio.open_nursery() as nursery,
+                ):
+                    # Our tasks get a nursery of their own, so that closing the host cancels
+                    # them and not the caller's code inside this block.
+                    tasks: trio.Nursery = await nursery.start(_task_nursery)
+                    host = Libp2pHost(
+                        lhost,
+                        pubsub,
+                        router,
+                        tasks,
+                        limits=limits,
+                        dial_timeout=dial_timeout,
+                        gossip_max_message=gossip_max_message,
+                        publish_interval=publish_interval,
+                        subscription_buffer=subscription_buffer,
+                    )
+                    try:
+                        yield host
+                    except BaseException as exc:
+                        body_error = exc
+                        raise
+                    finally:
+                        await host.aclose()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await close_network(lhost)
+    except BaseExceptionGroup as group:
+        # libp2p's five nested nurseries wrap whatever comes out of this block. Give the
+        # caller back its own exception (or our TransportError, or a cancellation) unwrapped,
+        # and anything libp2p raised itself as a TransportError.
+        error = _unwrap(group, body_error)
+    else:
+        return
+    raise error
+
+
+def _unwrap(group: BaseExceptionGroup[Any], body_error: BaseException | None) -> BaseException:
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1:
+        (sole,) = leaves
+        if sole is body_error or isinstance(sole, (trio.Cancelled, TransportError)):
+            return sole
+    if body_error is None and all(isinstance(leaf, Exception) for leaf in leaves):
+        error = TransportError(f"the libp2p host failed: {leaves[0]!r}")
+        error.__cause__ = group
+        return error
+    return group
 
 
 async def _task_nursery(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -51,12 +51,14 @@ class Libp2pStream:
         remote_peer: PeerId,
         limits: StreamLimits,
         on_stall: OnStall,
+        spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None,
     ) -> None:
         self._net = net_stream
         self._protocol = protocol
         self._remote_peer = remote_peer
         self._limits = limits
         self._on_stall = on_stall
+        self._spawn = spawn  # starts a background task in the host's nursery
         self._send_lock = trio.Lock()
         self._eof_sent = False
         self._closed = False
@@ -96,7 +98,7 @@ class Libp2pStream:
         """Bytes yamux will take without waiting. Waiting here rather than inside yamux's write
         avoids its fixed 5 s window timeout; our stall deadline bounds the wait instead."""
         muxed = self._net.muxed_stream
-        window = getattr(muxed, "send_window", None)
+        window = None
         if not isinstance(window, int):  # another muxer: let it do its own flow control
             return _WRITE_CHUNK
         while muxed.send_window <= 0 and not (muxed.closed or muxed.send_closed):
@@ -133,17 +135,59 @@ class Libp2pStream:
                 raise TransportError(f"{self!r}: sending end of stream failed: {exc!r}") from exc
 
     async def aclose(self) -> None:
-        """Send our end of stream (if not sent) and release the stream. Never raises: a stream
-        that cannot be closed gracefully is reset."""
+        """Close like a TCP socket: send our end of stream; if the peer is still sending, refuse
+        the rest (a reset now if its data sits unread, else once more arrives, within
+        ``stall_timeout``), so that its writes fail instead of stalling on a window we will
+        never open. Never raises: a stream that cannot be closed gracefully is reset."""
         if self._closed:
             return
         try:
             await self.send_eof()
-            with trio.fail_after(self._limits.stall_timeout):
-                await self._net.close()
+        except TransportError:
+            await self.reset()
+            return
+        self._closed = True
+        if self._peer_done_sending():
+            await self._release()
+        elif self._unread_bytes() or self._spawn is None:
+            await self.reset()
+        else:
+            try:
+                self._spawn(self._linger)
+            except RuntimeError:  # the host is closing: no lingering
+                await self.reset()
+
+    def _peer_done_sending(self) -> bool:
+        muxed = self._net.muxed_stream
+        return bool(getattr(muxed, "recv_closed", True) or getattr(muxed, "reset_received", True))
+
+    def _unread_bytes(self) -> int:
+        muxed = self._net.muxed_stream
+        buffers = getattr(getattr(muxed, "conn", None), "stream_buffers", None)
+        if not isinstance(buffers, dict):
+            return 0
+        return len(buffers.get(getattr(muxed, "stream_id", None), b""))
+
+    async def _linger(self) -> None:
+        """After our close: the peer's end of stream releases the stream, its data resets it."""
+        try:
+            with trio.move_on_after(self._limits.stall_timeout):
+                await self._net.read(1)
+            await self.reset()  # more data, or nothing at all for too long
+        except StreamEOF:
+            await self._release()
         except Exception:
             await self.reset()
-        self._closed = True
+
+    async def _release(self) -> None:
+        """Hand the finished stream back to libp2p (its stream slot and resource scope)."""
+        with trio.move_on_after(self._limits.stall_timeout):
+            try:
+                await self._net.close()
+                return
+            except Exception:
+                pass
+        await self.reset()
 
     async def reset(self) -> None:
         self._closed = True

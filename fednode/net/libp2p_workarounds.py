@@ -141,7 +141,7 @@ class FednodeSwarm(Swarm):
     async def _do_handle_inbound_connection(
         self, read_write_closer: Any, maddr: Multiaddr, failure_event: Any
     ) -> None:
-        if isinstance(read_write_closer, IMuxedConn):  # QUIC & co: not used by fednode
+        if True:
             await super()._do_handle_inbound_connection(
                 cast(Any, read_write_closer), maddr, failure_event
             )
@@ -339,7 +339,6 @@ def build_host(seed: bytes, *, dial_timeout: float) -> Any:
         addrs_factory=announce_addrs,
         disable_identify_address_discovery=True,
     )
-    guard_swarm_stream_handler(swarm)
     return host
 
 

@@ -20,7 +20,7 @@ import re
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, get_args
 
 from fednode.errors import ConfigError
 from fednode.protocol.dialing import peer_of
@@ -46,12 +46,16 @@ class NodeConfig:
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {', '.join(ROLES)}, not {self.role!r}")
         if not _FEDERATION.match(self.federation):
-            raise ConfigError(f"federation id {self.federation!r} must be 1-64 characters of A-Z a-z 0-9 . _ -")
+            raise ConfigError(
+                f"federation id {self.federation!r} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+            )
         for addr in self.bootstrap:
             try:
                 peer_of(addr)
             except ValueError:
-                raise ConfigError(f"bootstrap address {addr!r} must end in /p2p/<peer id>") from None
+                raise ConfigError(
+                    f"bootstrap address {addr!r} must end in /p2p/<peer id>"
+                ) from None
         for addr in self.listen or ():
             if not addr.startswith("/"):
                 raise ConfigError(f"listen address {addr!r} is not a multiaddr")
@@ -104,7 +108,7 @@ def load_config(path: Path | None, **overrides: Any) -> NodeConfig:
                 values[key] = tuple(values[key])
         if "data_dir" in values:
             values["data_dir"] = Path(values["data_dir"])
-        return cast(NodeConfig, NodeConfig(**values))
+        return NodeConfig(**values)
     except TypeError as exc:
         raise ConfigError(f"bad config value: {exc}") from None
 

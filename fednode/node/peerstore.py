@@ -41,15 +41,21 @@ class PeerStore:
         try:
             raw = json.loads(self.path.read_text())
             for entry in raw["peers"]:
-                addrs = tuple(a for a in entry["addrs"] if isinstance(a, str) and _dialable(a, entry["peer"]))
+                addrs = tuple(
+                    a for a in entry["addrs"] if isinstance(a, str) and _dialable(a, entry["peer"])
+                )
                 if addrs:
-                    self._peers[entry["peer"]] = KnownPeer(str(entry["peer"]), addrs[:MAX_ADDRS], float(entry["last_seen"]))
+                    self._peers[entry["peer"]] = KnownPeer(
+                        str(entry["peer"]), addrs[:MAX_ADDRS], float(entry["last_seen"])
+                    )
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable peerstore %s: %s", self.path, exc)
 
-    def remember(self, peer: str, addrs: list[str] | tuple[str, ...], now: float | None = None) -> None:
+    def remember(
+        self, peer: str, addrs: list[str] | tuple[str, ...], now: float | None = None
+    ) -> None:
         full = tuple(dict.fromkeys(a if "/p2p/" in a else f"{a}/p2p/{peer}" for a in addrs))
         full = tuple(a for a in full if _dialable(a, peer))[:MAX_ADDRS]
         if not full:
@@ -69,7 +75,13 @@ class PeerStore:
         return [a for p in self.peers() for a in p.addrs]
 
     def save(self) -> None:
-        data = {"version": 1, "peers": [{"peer": p.peer, "addrs": list(p.addrs), "last_seen": p.last_seen} for p in self.peers()]}
+        data = {
+            "version": 1,
+            "peers": [
+                {"peer": p.peer, "addrs": list(p.addrs), "last_seen": p.last_seen}
+                for p in self.peers()
+            ],
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1))

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -66,7 +67,10 @@ def system_load() -> LoadSample:
     """CPU and memory load of this machine, 0 to 1 (psutil)."""
     import psutil
 
-    return LoadSample(cpu=min(1.0, psutil.cpu_percent(interval=None) / 100), memory=min(1.0, psutil.virtual_memory().percent / 100))
+    return LoadSample(
+        cpu=min(1.0, psutil.cpu_percent(interval=None) / 100),
+        memory=min(1.0, psutil.virtual_memory().percent / 100),
+    )
 
 
 class Node:
@@ -152,7 +156,7 @@ class Node:
                 continue
             self._handle(self.view.on_heartbeat(heartbeat, trio.current_time()))
 
-    def _handle(self, events: list[object]) -> None:
+    def _handle(self, events: Sequence[object]) -> None:
         now = trio.current_time()
         for event in events:
             if isinstance(event, HeartbeatRejected):
@@ -170,7 +174,9 @@ class Node:
                 for addr in self.planner.targets():
                     if peer_of(addr) == peer:
                         self.planner.remove(addr)
-            if isinstance(event, (PeerJoined, PeerSuspected, PeerDied, PeerRecovered, PeerRestarted)):
+            if isinstance(
+                event, (PeerJoined, PeerSuspected, PeerDied, PeerRecovered, PeerRestarted)
+            ):
                 log.info("%s %s", type(event).__name__, peer)
                 self.membership_events = [*self.membership_events[-19:], event]
         self._wake()
@@ -194,7 +200,11 @@ class Node:
                 self._handle(self.view.on_timer(now))
                 for addr in self.planner.due(now):
                     dials.start_soon(self._dial, addr)
-                deadlines = [d for d in (self.view.next_deadline(), self.planner.next_deadline()) if d is not None]
+                deadlines = [
+                    d
+                    for d in (self.view.next_deadline(), self.planner.next_deadline())
+                    if d is not None
+                ]
                 self._changed = trio.Event()
                 with trio.move_on_at(min(deadlines, default=now + self.config.heartbeat_interval)):
                     await self._changed.wait()
@@ -273,7 +283,8 @@ class Node:
 
     # --- lifecycle ---
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        # (Any: trio-typing, which libp2p installs, shadows trio.TaskStatus for mypy.)
         """Run every loop until cancelled."""
         now = trio.current_time()
         for addr in self.config.bootstrap:
@@ -301,7 +312,9 @@ def _full(addr: str, peer: PeerId) -> str:
 
 
 @asynccontextmanager
-async def open_node(config: NodeConfig, key: NodeKey, host: Host, **kwargs: object) -> AsyncIterator[Node]:
+async def open_node(
+    config: NodeConfig, key: NodeKey, host: Host, **kwargs: object
+) -> AsyncIterator[Node]:
     """Run a node on an open host; leaving the block stops its loops (the host stays open)."""
     node = Node(config, key, host, **kwargs)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:

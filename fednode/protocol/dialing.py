@@ -53,7 +53,7 @@ class BackoffPolicy:
     jitter: float = 0.5
 
     def delay(self, failures: int, rng: random.Random) -> float:
-        raw = min(self.cap, self.base * 2 ** max(0, failures - 1))
+        raw = min(self.cap, self.base * 2.0 ** max(0, failures - 1))
         return raw * (1.0 - self.jitter * rng.random())
 
 
@@ -112,7 +112,11 @@ class DialPlanner:
     def due(self, now: float) -> list[str]:
         """Targets to dial now, oldest deadline first; each is marked in flight."""
         ready = sorted(
-            (t for t in self._targets.values() if t.due is not None and t.due <= now and t.peer not in self._connected),
+            (
+                t
+                for t in self._targets.values()
+                if t.due is not None and t.due <= now and t.peer not in self._connected
+            ),
             key=lambda t: (t.due, t.addr),
         )
         for target in ready:
@@ -120,7 +124,11 @@ class DialPlanner:
         return [t.addr for t in ready]
 
     def next_deadline(self) -> float | None:
-        deadlines = [t.due for t in self._targets.values() if t.due is not None and t.peer not in self._connected]
+        deadlines = [
+            t.due
+            for t in self._targets.values()
+            if t.due is not None and t.peer not in self._connected
+        ]
         return min(deadlines) if deadlines else None
 
     def failures(self, addr: str) -> int:

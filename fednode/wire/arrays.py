@@ -24,7 +24,7 @@ from cbor2 import CBORTag
 
 from fednode.errors import WireError
 
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+BFLOAT16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
 _BFLOAT16_BITS = np.dtype("<u2")  # bfloat16 on the wire: little-endian 16-bit patterns
 
 #: numpy dtype name -> RFC 8746 little-endian typed-array tag.
@@ -82,7 +82,8 @@ def numpy_dtype(name: str) -> np.dtype[Any]:
         return BFLOAT16
     if name not in DTYPE_TAGS:
         raise WireError(f"unknown dtype {name!r}")
-    return np.dtype(name).newbyteorder("<")
+    little: np.dtype[Any] = np.dtype(name).newbyteorder("<")
+    return little
 
 
 #: Tensors smaller than this are copied into the value tree: cheaper than a placeholder.
@@ -203,6 +204,7 @@ def _from_bytes(
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
     if dtype.byteorder == ">":
         array = array.astype(dtype.newbyteorder("<"))
+        array.flags.writeable = False  # read-only, like every decoded array
     return array
 
 

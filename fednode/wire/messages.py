@@ -203,7 +203,10 @@ class GlobalModel:
         _require(self.round >= 0, "round must be non-negative")
         _require(self.size >= 0, "size must be non-negative")
         _require(self.created_ms >= 0, "created_ms must be non-negative")
-        _require(self.parent is not None or not self.partials, "an initial model (no parent) has no partials")
+        _require(
+            self.parent is not None or not self.partials,
+            "an initial model (no parent) has no partials",
+        )
         _require(
             self.num_examples == sum(p.total_weight for p in self.partials),
             "num_examples must be the sum of partial weights",

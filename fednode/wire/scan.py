@@ -153,14 +153,14 @@ class _Scanner:
 
 def _fits_half(value: float) -> bool:
     try:
-        return struct.unpack(">e", struct.pack(">e", value))[0] == value
+        return bool(struct.unpack(">e", struct.pack(">e", value))[0] == value)
     except OverflowError:
         return False
 
 
 def _fits_single(value: float) -> bool:
     try:
-        return struct.unpack(">f", struct.pack(">f", value))[0] == value
+        return bool(struct.unpack(">f", struct.pack(">f", value))[0] == value)
     except OverflowError:
         return False
 

@@ -61,7 +61,9 @@ LOCAL_TYPES: set[str] = set()
 _CODECS: dict[type[Any], _Codec] = {}
 
 
-def message(type_name: str, version: int = 1, *, local: bool = False) -> Callable[[type[M]], type[M]]:
+def message(
+    type_name: str, version: int = 1, *, local: bool = False
+) -> Callable[[type[M]], type[M]]:
     """Register a dataclass as the wire message ``type_name``, version ``version``.
 
     A ``local`` message (a key file) is a storage format: it decodes from disk, but is never

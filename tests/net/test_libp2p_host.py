@@ -92,13 +92,13 @@ async def publish_until_received(
 async def test_the_host_is_the_node_key_on_the_addresses_it_listens_on() -> None:
     key = NodeKey.generate()
     with trio.fail_after(20):
-        async with open_libp2p_host(key, [LOOPBACK, "/ip4/127.0.0.1/tcp/0"]) as host:
+        async with open_libp2p_host(key, [LOOPBACK, "/ip4/127.0.0.2/tcp/0", LOOPBACK]) as host:
             addrs = host.listen_addrs()
             public_key = host._lhost.get_public_key().to_bytes()
     assert host.peer_id == key.peer_id
     assert public_key == key.public_key
     assert len(addrs) == 2
-    assert all(addr.startswith("/ip4/127.0.0.1/tcp/") for addr in addrs)
+    assert sorted(addr.split("/")[2] for addr in addrs) == ["127.0.0.1", "127.0.0.2"]
     assert all(addr.endswith(f"/p2p/{key.peer_id}") for addr in addrs)
     assert all(port_of(addr) != 0 for addr in addrs)
 
@@ -141,9 +141,7 @@ async def test_bad_input_is_refused_with_transport_errors() -> None:
 
 
 @pytest.mark.timeout(90)
-async def test_five_nodes_through_one_bootstrap_hear_each_other_talk_and_shut_down_cleanly() -> (
-    None
-):
+async def test_five_nodes_via_one_bootstrap_hear_each_other_talk_and_close_cleanly() -> None:
     n = 5
     before = task_names()
     with trio.fail_after(75):
@@ -247,6 +245,31 @@ async def test_each_subscription_and_event_channel_gets_its_own_copy() -> None:
             ):
                 with pytest.raises(TransportError):
                     await call
+
+
+@pytest.mark.timeout(60)
+async def test_a_reply_survives_its_handler_returning_before_the_opener_closes() -> None:
+    # Prepare: a request/response protocol where the opener never sends its end of stream
+    reply = random.Random(1).randbytes(2 * 1024 * 1024)
+
+    async def answer(stream: Stream) -> None:
+        assert await stream.receive_some(7) == b"request"
+        await stream.send_all(reply)  # and return: the adapter closes the stream
+
+    with trio.fail_after(45):
+        async with open_host() as a, open_host() as b:
+            b.set_stream_handler(ECHO, answer)
+            await a.connect(b.listen_addrs()[0])
+            for _ in range(3):
+                stream = await a.open_stream(b.peer_id, ECHO)
+                # Execute
+                await stream.send_all(b"request")
+                received = bytearray()
+                while chunk := await stream.receive_some():
+                    received += chunk
+                await stream.aclose()
+                # Assert: all of it, then a clean end of stream (not a reset)
+                assert received == reply
 
 
 @pytest.mark.timeout(60)

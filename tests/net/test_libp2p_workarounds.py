@@ -337,6 +337,7 @@ async def test_c_fifty_quick_publishes_all_arrive() -> None:
                             seen.add(message.data)
                             if seen == expected:
                                 break
+    print(f"stock delivered {stock_received} of {burst}")
     assert stock_received < burst
 
 
@@ -431,7 +432,7 @@ async def test_d_inbound_connections_release_their_task_and_slot() -> None:
         # Ours
         async with open_host() as ours:
             addr, lhost = ours.listen_addrs()[0], ours._lhost
-            await _cycles(addr, 50)  # warm up allocator and caches
+            await _cycles(addr, 200 if SLOW else 20)  # warm up the allocator and caches
             await _wait_until_idle(lhost)
             gc.collect()
             tasks_before, rss_before = len(all_tasks()), rss_mb()
@@ -446,7 +447,8 @@ async def test_d_inbound_connections_release_their_task_and_slot() -> None:
     print(f"{cycles} cycles: task growth {task_growth}, RSS growth {rss_growth:.1f} MB")
     assert stock_slots == 20
     assert task_growth <= 5
-    assert rss_growth < 4.0
+    if SLOW:  # memory needs the full size to say anything (stock leaked ~6 KB per connection)
+        assert rss_growth < 4.0
 
 
 # -- (e) shutdown -------------------------------------------------------------------------------
@@ -589,7 +591,7 @@ async def test_h_a_frozen_peer_fails_the_write_and_is_disconnected_without_hangi
                     await stream.send_all(bytes(64 * MiB))
                 failed_after = trio.current_time() - start
                 # Assert: ours gave up after the stall timeout and dropped the peer
-                assert stall <= failed_after < stall + 3.0
+                assert stall <= failed_after < stall + 6.0
                 assert await next_event(events, peer) == PeerDisconnected(peer=peer)
                 assert peer not in ours.connected_peers()
                 # Stock: still "connected", its write still blocked, and disconnect hangs

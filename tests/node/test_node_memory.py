@@ -33,14 +33,33 @@ def _key(i: int) -> NodeKey:
 
 
 def _config(tmp_path: Path, i: int, role: str, bootstrap: tuple[str, ...] = ()) -> NodeConfig:
-    return NodeConfig(role=role, federation="fed", data_dir=tmp_path / f"n{i}", bootstrap=bootstrap, heartbeat_interval=INTERVAL)  # type: ignore[arg-type]
+    return NodeConfig(
+        role=role,
+        federation="fed",
+        data_dir=tmp_path / f"n{i}",
+        bootstrap=bootstrap,
+        heartbeat_interval=INTERVAL,
+    )  # type: ignore[arg-type]
 
 
-async def _start(stack: AsyncExitStack, net: MemoryNetwork, tmp_path: Path, i: int, role: str, bootstrap: tuple[str, ...] = ()) -> Node:
+async def _start(
+    stack: AsyncExitStack,
+    net: MemoryNetwork,
+    tmp_path: Path,
+    i: int,
+    role: str,
+    bootstrap: tuple[str, ...] = (),
+) -> Node:
     key = _key(i)
     host = await stack.enter_async_context(net.open_host(key, listen=role != "client"))
     return await stack.enter_async_context(
-        open_node(_config(tmp_path, i, role, bootstrap), key, host, rng=random.Random(i), wall_ms=lambda: int(trio.current_time() * 1000) + 1_700_000_000_000)
+        open_node(
+            _config(tmp_path, i, role, bootstrap),
+            key,
+            host,
+            rng=random.Random(i),
+            wall_ms=lambda: int(trio.current_time() * 1000) + 1_700_000_000_000,
+        )
     )
 
 
@@ -57,13 +76,18 @@ async def _wait_until(condition: Callable[[], bool], limit: float = 60.0) -> flo
     return trio.current_time()
 
 
-async def test_nodes_find_each_other_through_a_bootstrap(tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+async def test_nodes_find_each_other_through_a_bootstrap(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
     # Prepare
     net = MemoryNetwork(seed=1)
     async with AsyncExitStack() as stack:
         boot = await _start(stack, net, tmp_path, 0, "bootstrap")
         addr = boot.host.listen_addrs()[0]
-        nodes = [await _start(stack, net, tmp_path, i, "client" if i % 2 else "combiner", (addr,)) for i in range(1, 6)]
+        nodes = [
+            await _start(stack, net, tmp_path, i, "client" if i % 2 else "combiner", (addr,))
+            for i in range(1, 6)
+        ]
         everyone = {n.peer_id for n in [boot, *nodes]}
         # Execute
         await _wait_until(lambda: all(_alive(n) == everyone - {n.peer_id} for n in [boot, *nodes]))
@@ -74,7 +98,9 @@ async def test_nodes_find_each_other_through_a_bootstrap(tmp_path: Path, mock_cl
     assert all(p.state == "alive" for p in status.peers)
 
 
-async def test_killed_node_is_declared_dead_within_the_detection_time(tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+async def test_killed_node_is_declared_dead_within_the_detection_time(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
     # Prepare
     net = MemoryNetwork(seed=2)
     async with AsyncExitStack() as stack:
@@ -87,7 +113,10 @@ async def test_killed_node_is_declared_dead_within_the_detection_time(tmp_path: 
         killed_at = trio.current_time()
         net.kill(victim.peer_id)
         dead_at = await _wait_until(
-            lambda: all((m := n.view.member(victim.peer_id)) is not None and m.state is PeerState.DEAD for n in others)
+            lambda: all(
+                (m := n.view.member(victim.peer_id)) is not None and m.state is PeerState.DEAD
+                for n in others
+            )
         )
     # Assert: disconnect-triggered suspicion, then dead_after_missed intervals (2 s by default);
     # nodes not connected to the victim rely on missed heartbeats: 3 + 2 intervals at most.
@@ -104,7 +133,9 @@ async def test_restarted_node_rejoins(tmp_path: Path, mock_clock: trio.testing.M
             first = await _start(inner, net, tmp_path, 1, "combiner", (addr,))
             await _wait_until(lambda: first.peer_id in _alive(boot))
             peer = first.peer_id
-        await _wait_until(lambda: (m := boot.view.member(peer)) is not None and m.state is PeerState.DEAD)
+        await _wait_until(
+            lambda: (m := boot.view.member(peer)) is not None and m.state is PeerState.DEAD
+        )
         # Execute
         second = await _start(stack, net, tmp_path, 1, "combiner", (addr,))
         await _wait_until(lambda: peer in _alive(boot) and boot.peer_id in _alive(second))
@@ -112,14 +143,18 @@ async def test_restarted_node_rejoins(tmp_path: Path, mock_clock: trio.testing.M
     assert boot.view.statistics().recoveries >= 1
 
 
-async def test_restarted_node_redials_peers_from_its_peerstore(tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+async def test_restarted_node_redials_peers_from_its_peerstore(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
     # Prepare: node 1 joins through the bootstrap, learns node 2's address, then both node 1 and
     # the bootstrap stop for good.
     net = MemoryNetwork(seed=4)
     async with AsyncExitStack() as stack:
         peer2 = await _start(stack, net, tmp_path, 2, "combiner")
         async with AsyncExitStack() as inner:
-            boot = await _start(inner, net, tmp_path, 0, "bootstrap", (peer2.host.listen_addrs()[0],))
+            boot = await _start(
+                inner, net, tmp_path, 0, "bootstrap", (peer2.host.listen_addrs()[0],)
+            )
             boot_addr = boot.host.listen_addrs()[0]
             # a client: it has no inbound port, so only its own peerstore can bring node 2 back
             first = await _start(inner, net, tmp_path, 1, "client", (boot_addr,))
@@ -131,7 +166,9 @@ async def test_restarted_node_redials_peers_from_its_peerstore(tmp_path: Path, m
         assert peer2.peer_id in again.host.connected_peers()
 
 
-async def test_bad_heartbeats_are_ignored_and_counted(tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+async def test_bad_heartbeats_are_ignored_and_counted(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
     # Prepare
     net = MemoryNetwork(seed=5)
     async with AsyncExitStack() as stack:
@@ -150,6 +187,8 @@ async def test_bad_heartbeats_are_ignored_and_counted(tmp_path: Path, mock_clock
         await rogue.publish(boot.topic, seal_bytes(rogue_key, other_fed))
         await rogue.publish(boot.topic, seal_bytes(_key(8), forged))  # signed by someone else
         await rogue.publish(boot.topic, b"\xa1garbage")
-        await _wait_until(lambda: boot.invalid_messages >= 2 and boot.view.statistics().rejected_total >= 1)
+        await _wait_until(
+            lambda: boot.invalid_messages >= 2 and boot.view.statistics().rejected_total >= 1
+        )
     # Assert
     assert rogue_key.peer_id not in {m.peer for m in boot.view.members()}

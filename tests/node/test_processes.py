@@ -31,7 +31,17 @@ class NodeProcess:
 
     def __init__(self, data_dir: Path, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fednode", "start", "--data-dir", str(data_dir), "--heartbeat-interval", str(INTERVAL), *args],
+            [
+                sys.executable,
+                "-m",
+                "fednode",
+                "start",
+                "--data-dir",
+                str(data_dir),
+                "--heartbeat-interval",
+                str(INTERVAL),
+                *args,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -106,7 +116,9 @@ def test_processes_join_detect_a_kill_and_rejoin(tmp_path: Path, nodes: list[Nod
     nodes.append(boot)
     for i, role in enumerate(["combiner", "combiner", "client"]):
         listen = [] if role == "client" else ["--listen", "/ip4/127.0.0.1/tcp/0"]
-        nodes.append(NodeProcess(tmp_path / f"n{i}", "--role", role, "--bootstrap", boot.addr, *listen))
+        nodes.append(
+            NodeProcess(tmp_path / f"n{i}", "--role", role, "--bootstrap", boot.addr, *listen)
+        )
     for node in nodes:
         for other in nodes:
             if other is not node:
@@ -117,8 +129,18 @@ def test_processes_join_detect_a_kill_and_rejoin(tmp_path: Path, nodes: list[Nod
     killed_at = time.monotonic()
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
-    detected = [node.wait_for("PeerDied", victim.peer_id, since=killed_at) - killed_at for node in survivors]
-    restarted = NodeProcess(tmp_path / "n0", "--role", "combiner", "--bootstrap", boot.addr, "--listen", "/ip4/127.0.0.1/tcp/0")
+    detected = [
+        node.wait_for("PeerDied", victim.peer_id, since=killed_at) - killed_at for node in survivors
+    ]
+    restarted = NodeProcess(
+        tmp_path / "n0",
+        "--role",
+        "combiner",
+        "--bootstrap",
+        boot.addr,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+    )
     nodes.append(restarted)
     for node in survivors:
         node.wait_for("PeerRecovered", victim.peer_id, since=killed_at)

@@ -15,7 +15,9 @@ ADDR = f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER}"
 
 
 def _planner(jitter: float = 0.0) -> DialPlanner:
-    return DialPlanner(self_peer=SELF, rng=random.Random(7), policy=BackoffPolicy(base=0.5, cap=4.0, jitter=jitter))
+    return DialPlanner(
+        self_peer=SELF, rng=random.Random(7), policy=BackoffPolicy(base=0.5, cap=4.0, jitter=jitter)
+    )
 
 
 def test_peer_of_reads_the_p2p_component() -> None:

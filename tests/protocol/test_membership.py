@@ -541,10 +541,11 @@ def test_heartbeat_naming_a_peer_other_than_its_signer_is_rejected() -> None:
 
 
 def test_open_heartbeat_refuses_other_messages_and_garbage() -> None:
-    from fednode.crypto import KeyFile
+    from fednode.wire import BlobHeader
 
+    other = BlobHeader(digest=bytes(32), size=0, kind="model", tensors=())
     with pytest.raises(BadSignatureError):
-        open_heartbeat(seal_bytes(KEYS[1], KeyFile(seed=bytes(32), created_ms=0)))
+        open_heartbeat(seal_bytes(KEYS[1], other))
     with pytest.raises(WireError):
         open_heartbeat(b"\xa0")
     assert isinstance(seal(KEYS[1], heartbeat(A)), Envelope)
