@@ -31,7 +31,7 @@ def _run(*args: str, expect: int = 0) -> None:
     )
     for stream in (result.stdout, result.stderr):
         if stream.strip():
-            console.print(stream.rstrip(), markup=False, highlight=False)
+            console.print(stream.rstrip(), markup=False, highlight=False, soft_wrap=True)
     console.print(f"[dim](exit code {result.returncode})[/dim]\n")
     if result.returncode != expect:
         raise SystemExit(

@@ -21,9 +21,10 @@ identify, ping, GossipSub), with a workaround for each sharp edge of that releas
     inside ``run()``.
 (f) Handler exceptions crashed the host or wedged the connection; the swarm's stream entry point
     is guarded (ours and libp2p's own handlers), and our handlers log and reset.
-(g) A killed peer's stream reads as a clean end of stream; yamux does mark such streams reset,
-    so ``receive_some`` raises TransportError for them and returns ``b""`` only after a FIN. A
-    peer that dies right after its FIN can still look clean: framing above must check lengths.
+(g) A reader waiting on a stream when its peer is killed wakes to a clean end of stream. yamux
+    marks such streams reset, so ``receive_some`` raises TransportError for them and returns
+    ``b""`` only after the peer's FIN. A peer that dies just after its FIN still looks clean:
+    framing above must check lengths (and ack what matters).
 (h) Frozen peer: writes blocked forever and ``disconnect`` hung behind them. Every write has a
     ``send_timeout`` and a ``stall_timeout``; on expiry the socket is closed under the stream
     (which unblocks every writer), the stream reset and the peer disconnected, all bounded.
@@ -45,6 +46,18 @@ identify, ping, GossipSub), with a workaround for each sharp edge of that releas
 (p) Auto-connector: libp2p dialled every peerstore peer, every 30 s and after each disconnection,
     while below (low + high watermark) / 2 connections, so a dropped peer came back; ours never
     dials on its own.
+(q) Closing: yamux cannot close a read side; a peer still sending to a stream we closed (or whose
+    handler returned) is never told: its writes stall or vanish. Like TCP, we reset such a
+    stream if its data sits unread, or when more arrives (within ``stall_timeout``).
+(r) Errors: whatever leaves the ``open_libp2p_host`` block comes out of libp2p's five nested
+    nurseries; the caller gets its own exception back unwrapped, libp2p's own as TransportError.
+(s) Cancellation: a write cancelled halfway through a socket send left half a Noise frame on the
+    wire and killed the connection with every stream on it. Our writes go out in chunks of at
+    most 1 MiB under a cancel shield (bounded by ``stall_timeout``); a cancellation lands between
+    chunks and resets only its stream.
+
+Internals are split: ``libp2p_workarounds`` (everything touching libp2p's private parts, and the
+host builder), ``libp2p_stream`` (Stream), ``libp2p_gossip`` (subscribe and publish).
 """
 
 from __future__ import annotations
@@ -63,13 +76,12 @@ from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.io.utils import read_exactly
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
-from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from fednode.crypto.keys import NodeKey
-from fednode.errors import TransportError
+from fednode.errors import FednodeError, LocalProtocolError, TransportError
 from fednode.net.interface import (
     GossipMessage,
     PeerConnected,
@@ -77,11 +89,14 @@ from fednode.net.interface import (
     PeerEvent,
     StreamHandler,
 )
+from fednode.net.libp2p_gossip import GOSSIP_MAX_MESSAGE, Gossip, gossip_router
 from fednode.net.libp2p_stream import Libp2pStream, StreamLimits
 from fednode.net.libp2p_workarounds import (
+    CLOSE_TIMEOUT,
     abort_connection,
     build_host,
     check_port_free,
+    close_network,
     forget_failed_dial,
     quiet_libp2p_logging,
 )
@@ -89,12 +104,10 @@ from fednode.wire import PeerId
 
 logger = logging.getLogger("fednode.net.libp2p")
 
-GOSSIP_MAX_MESSAGE = 512 * 1024
-"""Gossip payloads must be smaller: libp2p's 1 MiB RPC limit has to hold them plus the envelope."""
-GOSSIP_PROTOCOLS = (PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID)
+__all__ = ["GOSSIP_MAX_MESSAGE", "Libp2pHost", "open_libp2p_host"]
+
 _EVENT_BUFFER = 1024
 _PING_SIZE = 32
-_CLOSE_TIMEOUT = 2.0
 
 
 class Libp2pHost:
@@ -105,30 +118,23 @@ class Libp2pHost:
         lhost: Any,
         pubsub: Any,
         router: Any,
+        gossip: Gossip,
         nursery: trio.Nursery,
         *,
         limits: StreamLimits,
         dial_timeout: float,
-        gossip_max_message: int,
-        publish_interval: float,
-        subscription_buffer: int,
     ) -> None:
         self._lhost = lhost
         self._pubsub = pubsub
         self._router = router
+        self._gossip = gossip
         self._nursery = nursery
         self._limits = limits
         self._dial_timeout = dial_timeout
-        self._gossip_max_message = gossip_max_message
-        self._publish_interval = publish_interval
-        self._subscription_buffer = subscription_buffer
         self._own_id: ID = lhost.get_id()
         self._peer_id = PeerId(str(self._own_id))
         self._event_senders: list[trio.MemorySendChannel[PeerEvent]] = []
         self._reported: set[PeerId] = set()
-        self._topics: dict[str, list[trio.MemorySendChannel[GossipMessage]]] = {}
-        self._publish_lock = trio.Lock()
-        self._next_publish = 0.0
         self._closed = False
         self._closed_event = trio.Event()
         lhost.get_network().register_notifee(_PeerEventNotifee(self))
@@ -176,7 +182,7 @@ class Libp2pHost:
 
     async def disconnect(self, peer: PeerId) -> None:
         pid = _to_id(peer)
-        with trio.move_on_after(_CLOSE_TIMEOUT), contextlib.suppress(Exception):
+        with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(Exception):
             await self._lhost.disconnect(pid)
         for conn in self._lhost.get_network().get_connections(pid):
             abort_connection(conn)  # (h) it would not close: a frozen peer
@@ -285,58 +291,11 @@ class Libp2pHost:
 
     async def subscribe(self, topic: str) -> trio.MemoryReceiveChannel[GossipMessage]:
         self._check_open()
-        send, receive = trio.open_memory_channel[GossipMessage](self._subscription_buffer)
-        if topic not in self._topics:
-            try:
-                subscription = await self._pubsub.subscribe(topic)
-            except Exception as exc:
-                raise TransportError(f"subscribing to {topic!r} failed: {exc}") from exc
-            self._topics[topic] = []
-            self._nursery.start_soon(self._drain, topic, subscription)
-        self._topics[topic].append(send)
-        return receive
-
-    async def _drain(self, topic: str, subscription: Any) -> None:
-        """Empty libp2p's 32-message subscription channel as fast as messages come (it drops
-        on overflow) into each subscriber's channel, keeping only other peers' messages."""
-        async for msg in subscription:
-            source = ID(msg.from_id)
-            if source == self._own_id or topic not in msg.topicIDs:
-                continue
-            message = GossipMessage(topic=topic, source=PeerId(str(source)), data=msg.data)
-            for send in list(self._topics[topic]):
-                try:
-                    send.send_nowait(message)
-                except trio.WouldBlock:
-                    logger.debug("subscriber to %r is not keeping up; message dropped", topic)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._topics[topic].remove(send)
+        return await self._gossip.subscribe(topic, self._nursery)
 
     async def publish(self, topic: str, data: bytes) -> None:
         self._check_open()
-        if len(data) >= self._gossip_max_message:
-            raise TransportError(
-                f"gossip message of {len(data)} bytes; the limit is {self._gossip_max_message}"
-                " (send large data over a stream)"
-            )
-        async with self._publish_lock:
-            await trio.sleep_until(self._next_publish)
-            try:
-                await self._pubsub.publish(topic, bytes(data))
-            except Exception as exc:
-                raise TransportError(f"publishing on {topic!r} failed: {exc}") from exc
-            self._next_publish = trio.current_time() + self._publish_interval
-
-    async def _wait_for_queue_room(self) -> None:
-        """(c) Wait while some peer's outbound RPC queue is at least half full: libp2p drops
-        RPCs that do not fit, silently. A peer that stays full for ``stall_timeout`` is a
-        stuck peer; we publish anyway and let it miss the message."""
-        with trio.move_on_after(self._limits.stall_timeout):
-            while any(
-                len(queue) >= queue._queue.max_size // 2
-                for queue in self._pubsub.peer_queues.values()
-            ):
-                await trio.sleep(max(self._publish_interval, 0.005))
+        await self._gossip.publish(topic, data)
 
     # -- shutdown ----------------------------------------------------------------------------
 
@@ -349,41 +308,17 @@ class Libp2pHost:
         with trio.CancelScope(shield=True):
             self._nursery.cancel_scope.cancel()
             for manager in (self._router.manager, self._pubsub.manager):
-                with trio.move_on_after(_CLOSE_TIMEOUT), contextlib.suppress(Exception):
+                with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(Exception):
                     await manager.stop()
             await close_network(self._lhost)
             for event_send in self._event_senders:
                 event_send.close()
-            for senders in self._topics.values():
-                for send in senders:
-                    send.close()
+            self._gossip.close()
             self._closed_event.set()
 
     def _check_open(self) -> None:
         if self._closed:
             raise TransportError("host is closed")
-
-
-async def close_network(lhost: Any) -> None:
-    """(e) Close every connection (concurrently; 0.8.1 closes them one by one with two 100 ms
-    sleeps each), abort the sockets of those that did not close (a frozen peer blocks the
-    GO_AWAY write), then ``host.close()`` for the listeners and the swarm's tasks."""
-    network = lhost.get_network()
-    conns = [conn for peer_conns in network.connections.values() for conn in peer_conns]
-    with trio.move_on_after(_CLOSE_TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            for conn in conns:
-                nursery.start_soon(_close_quietly, conn)
-    for conn in conns:
-        if not conn.is_closed:
-            abort_connection(conn)
-    with trio.move_on_after(_CLOSE_TIMEOUT), contextlib.suppress(Exception):
-        await lhost.close()
-
-
-async def _close_quietly(conn: Any) -> None:
-    with contextlib.suppress(Exception):
-        await conn.close()
 
 
 class _PeerEventNotifee(INotifee):
@@ -426,8 +361,6 @@ def _to_id(peer: PeerId) -> ID:
 
 
 def _log_handler_failure(protocol: str, peer: PeerId, exc: Exception) -> None:
-    from fednode.errors import FednodeError, LocalProtocolError
-
     if isinstance(exc, FednodeError) and not isinstance(exc, LocalProtocolError):
         logger.info("%s handler for %s: %s; stream reset", protocol, peer, exc)
     else:
@@ -482,17 +415,16 @@ async def open_libp2p_host(
     quiet_libp2p_logging()
     maddrs = _parse_listen_addrs(listen_addrs)
     lhost = build_host(key.seed, dial_timeout=dial_timeout)
-    router = GossipSub(
-        protocols=list(GOSSIP_PROTOCOLS),
-        degree=6,
-        degree_low=4,
-        degree_high=12,
-        heartbeat_initial_delay=0.1,
-        heartbeat_interval=gossip_heartbeat,  # type: ignore[arg-type]  # hinted int; floats work
-        spam_protection_enabled=False,
-        adaptive_gossip_enabled=False,
-    )
+    router = gossip_router(gossip_heartbeat)
     pubsub = Pubsub(lhost, router, strict_signing=True)
+    gossip = Gossip(
+        pubsub,
+        lhost.get_id(),
+        max_message=gossip_max_message,
+        publish_interval=publish_interval,
+        queue_wait=stall_timeout,
+        subscription_buffer=subscription_buffer,
+    )
     limits = StreamLimits(send_timeout=send_timeout, stall_timeout=stall_timeout)
     body_error: BaseException | None = None
     try:
@@ -512,12 +444,10 @@ async def open_libp2p_host(
                         lhost,
                         pubsub,
                         router,
+                        gossip,
                         tasks,
                         limits=limits,
                         dial_timeout=dial_timeout,
-                        gossip_max_message=gossip_max_message,
-                        publish_interval=publish_interval,
-                        subscription_buffer=subscription_buffer,
                     )
                     try:
                         yield host

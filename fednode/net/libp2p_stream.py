@@ -4,7 +4,9 @@ Writes have two deadlines: ``send_timeout`` for a whole ``send_all`` and ``stall
 any moment without progress (a frozen peer, a reader that stopped). Missing either resets the
 stream and tears the peer's connection down, then raises :class:`TransportError`. Writes never
 call yamux while its send window is closed, so yamux's own 5 s window wait never fires; the
-stall timeout replaces it. Reads have no deadline here: the caller owns its protocol's timing.
+stall timeout replaces it. Chunks are written under a cancel shield, so that a caller's
+cancellation never splits an encrypted frame (it resets the stream instead of breaking the
+connection). Reads have no deadline here: the caller owns its protocol's timing.
 """
 
 from __future__ import annotations
@@ -75,22 +77,33 @@ class Libp2pStream:
         return f"Libp2pStream({self._protocol} with {self._remote_peer})"
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send everything, in chunks of at most 1 MiB. A chunk, once started, is written under
+        a cancel shield (bounded by the stall deadline): cancelling a write halfway through
+        would leave half an encrypted frame on the wire and break the whole connection. A
+        caller's cancellation therefore lands between chunks, and resets a half-sent stream."""
         view = memoryview(data).cast("B")
         async with self._send_lock:
             if self._closed or self._eof_sent:
                 raise TransportError(f"{self!r}: send after close")
+            offset = 0
             try:
                 with trio.fail_after(self._limits.send_timeout):
-                    offset = 0
                     while offset < len(view):
+                        await trio.lowlevel.checkpoint_if_cancelled()  # chunks are shielded
                         with trio.fail_after(self._limits.stall_timeout):
                             room = await self._wait_send_window()
-                            end = offset + min(room, _WRITE_CHUNK, len(view) - offset)
-                            await self._net.write(bytes(view[offset:end]))
+                        end = offset + min(room, _WRITE_CHUNK, len(view) - offset)
+                        with trio.CancelScope(shield=True):
+                            with trio.fail_after(self._limits.stall_timeout):
+                                await self._net.write(bytes(view[offset:end]))
                         offset = end
             except trio.TooSlowError as exc:
                 await self._stalled("send timed out")
                 raise TransportError(f"{self!r}: send timed out") from exc
+            except trio.Cancelled:
+                if offset:
+                    await self.reset()
+                raise
             except Exception as exc:
                 raise TransportError(f"{self!r}: send failed: {exc!r}") from exc
 
@@ -98,7 +111,7 @@ class Libp2pStream:
         """Bytes yamux will take without waiting. Waiting here rather than inside yamux's write
         avoids its fixed 5 s window timeout; our stall deadline bounds the wait instead."""
         muxed = self._net.muxed_stream
-        window = None
+        window = getattr(muxed, "send_window", None)
         if not isinstance(window, int):  # another muxer: let it do its own flow control
             return _WRITE_CHUNK
         while muxed.send_window <= 0 and not (muxed.closed or muxed.send_closed):
@@ -126,7 +139,7 @@ class Libp2pStream:
                 return
             self._eof_sent = True
             try:
-                with trio.fail_after(self._limits.stall_timeout):
+                with trio.CancelScope(shield=True), trio.fail_after(self._limits.stall_timeout):
                     await self._net.close_write()
             except trio.TooSlowError as exc:
                 await self._stalled("sending end of stream timed out")
@@ -191,7 +204,11 @@ class Libp2pStream:
 
     async def reset(self) -> None:
         self._closed = True
-        with trio.move_on_after(_RESET_TIMEOUT), contextlib.suppress(Exception):
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(_RESET_TIMEOUT),
+            contextlib.suppress(Exception),
+        ):
             await self._net.reset()
 
     async def _stalled(self, reason: str) -> None:

@@ -1,8 +1,9 @@
 """Net layer, libp2p adapter internals: how we build a py-libp2p 0.8.1 host, and the targeted fixes
 that reach into libp2p's internals (listed one line each in :mod:`fednode.net.libp2p_host`).
 
-Everything that depends on libp2p private names lives here, so that an upgrade of libp2p is
-reviewed in one file. Nothing here is fednode policy; ``libp2p_host`` decides, this module builds.
+Everything that depends on libp2p's private names lives here, so that an upgrade of libp2p is
+reviewed in one file; the tests also use these pieces to set the stock and the fixed behaviour
+side by side.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class FednodeSwarm(Swarm):
     async def _do_handle_inbound_connection(
         self, read_write_closer: Any, maddr: Multiaddr, failure_event: Any
     ) -> None:
-        if True:
+        if isinstance(read_write_closer, IMuxedConn):  # QUIC & co: not used by fednode
             await super()._do_handle_inbound_connection(
                 cast(Any, read_write_closer), maddr, failure_event
             )
@@ -249,6 +250,34 @@ def abort_connection(conn: Any) -> bool:
     return True
 
 
+# -- (e) shutdown ------------------------------------------------------------------------------
+
+CLOSE_TIMEOUT = 2.0
+"""Seconds a graceful close may take before we abort (per step: connections, then the host)."""
+
+
+async def close_network(lhost: Any) -> None:
+    """(e) Close every connection (concurrently; 0.8.1 closes them one by one with two 100 ms
+    sleeps each), abort the sockets of those that did not close (a frozen peer blocks the
+    GO_AWAY write), then ``host.close()`` for the listeners and the swarm's tasks."""
+    network = lhost.get_network()
+    conns = [conn for peer_conns in network.connections.values() for conn in peer_conns]
+    with trio.move_on_after(CLOSE_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for conn in conns:
+                nursery.start_soon(_close_quietly, conn)
+    for conn in conns:
+        if not conn.is_closed:
+            abort_connection(conn)
+    with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(Exception):
+        await lhost.close()
+
+
+async def _close_quietly(conn: Any) -> None:
+    with contextlib.suppress(Exception):
+        await conn.close()
+
+
 # -- listening ---------------------------------------------------------------------------------
 
 
@@ -339,6 +368,7 @@ def build_host(seed: bytes, *, dial_timeout: float) -> Any:
         addrs_factory=announce_addrs,
         disable_identify_address_discovery=True,
     )
+    guard_swarm_stream_handler(swarm)
     return host
 
 

@@ -3,7 +3,8 @@
 the first line of stdout, then serves until it is killed:
 
 - ``/fednode/test/sink/1.0.0`` reads and discards everything;
-- ``/fednode/test/trickle/1.0.0`` writes 1 KiB every 20 ms until the stream breaks.
+- ``/fednode/test/trickle/1.0.0`` writes 1 KiB every 20 ms until the stream breaks;
+- ``/fednode/test/echo/1.0.0`` sends back what it receives.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fednode.net.libp2p_host import open_libp2p_host
 
 SINK = "/fednode/test/sink/1.0.0"
 TRICKLE = "/fednode/test/trickle/1.0.0"
+ECHO = "/fednode/test/echo/1.0.0"
 
 
 async def sink(stream: Stream) -> None:
@@ -29,10 +31,16 @@ async def trickle(stream: Stream) -> None:
         await trio.sleep(0.02)
 
 
+async def echo(stream: Stream) -> None:
+    while chunk := await stream.receive_some():
+        await stream.send_all(chunk)
+
+
 async def main() -> None:
     async with open_libp2p_host(NodeKey.generate(), ["/ip4/127.0.0.1/tcp/0"]) as host:
         host.set_stream_handler(SINK, sink)
         host.set_stream_handler(TRICKLE, trickle)
+        host.set_stream_handler(ECHO, echo)
         print(host.listen_addrs()[0], flush=True)
         await trio.sleep_forever()
 

@@ -133,7 +133,7 @@ async def test_bad_input_is_refused_with_transport_errors() -> None:
             with pytest.raises(TransportError):
                 await host.connect(host.listen_addrs()[0])  # itself
             with pytest.raises(TransportError):
-                await host.open_stream("not a peer id", ECHO)  # type: ignore[arg-type]
+                await host.open_stream("not a peer id", ECHO)
             assert host.peer_addrs(NodeKey.generate().peer_id) == []
 
 

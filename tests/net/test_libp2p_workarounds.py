@@ -46,10 +46,11 @@ from multiaddr.utils import get_thin_waist_addresses
 from fednode.crypto.keys import NodeKey
 from fednode.errors import TransportError
 from fednode.net.interface import GossipMessage, PeerConnected, PeerDisconnected, PeerEvent, Stream
-from fednode.net.libp2p_host import GOSSIP_MAX_MESSAGE, Libp2pHost, close_network, open_libp2p_host
+from fednode.net.libp2p_host import GOSSIP_MAX_MESSAGE, Libp2pHost, open_libp2p_host
 from fednode.net.libp2p_workarounds import (
     FednodePeerStore,
     build_host,
+    close_network,
     connection_config,
     find_socket_stream,
     quiet_libp2p_logging,
@@ -537,21 +538,38 @@ async def test_f_a_handler_exception_neither_kills_the_host_nor_wedges_the_conne
 
 @pytest.mark.timeout(60)
 async def test_g_a_killed_peer_is_an_error_not_a_clean_end_of_stream() -> None:
+    outcomes: dict[str, BaseException | None] = {}
     with trio.fail_after(45):
         async with peer_process() as (proc, addr), open_host() as ours:
             peer = await ours.connect(addr)
             stream = await ours.open_stream(peer, TRICKLE)
             raw = await ours._lhost.new_stream(ID.from_base58(peer), [TProtocol(TRICKLE)])
-            assert await stream.receive_some() and await raw.read(1024)
-            # Execute
-            proc.send_signal(signal.SIGKILL)
-            # Assert: stock reads it as a clean end of stream, ours as an error
-            with pytest.raises(StreamEOF):
-                while await raw.read(65536):
-                    pass
-            with pytest.raises(TransportError):
-                while await stream.receive_some():
-                    pass
+            reading = trio.Event()
+
+            async def read_ours() -> None:
+                try:
+                    while await stream.receive_some():
+                        reading.set()
+                    outcomes["ours"] = None
+                except TransportError as exc:
+                    outcomes["ours"] = exc
+
+            async def read_stock() -> None:
+                try:
+                    while await raw.read(65536):
+                        pass
+                except StreamEOF as exc:
+                    outcomes["stock"] = exc
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_ours)
+                nursery.start_soon(read_stock)
+                await reading.wait()
+                # Execute: both readers are waiting for the next trickle when the peer dies
+                proc.send_signal(signal.SIGKILL)
+    # Assert: stock reads it as a clean end of stream, ours as an error
+    assert isinstance(outcomes["stock"], StreamEOF)
+    assert isinstance(outcomes["ours"], TransportError)
 
 
 # -- (h) frozen peer ----------------------------------------------------------------------------
@@ -790,6 +808,112 @@ async def test_p_the_swarm_does_not_dial_peerstore_peers_on_its_own() -> None:
             # Assert
             assert target_id in stock.get_connected_peers()
             assert target.peer_id not in ours.connected_peers()
+
+
+# -- (q) closing a stream the peer is still sending on -------------------------------------------
+
+
+async def _read_one_and_close(net_stream: Any) -> None:
+    await net_stream.read(1)
+    await net_stream.close()
+
+
+@pytest.mark.timeout(60)
+async def test_q_writing_to_a_stream_whose_handler_returned_fails_promptly() -> None:
+    size, prompt = 8 * MiB, 2.0
+    with trio.fail_after(40):
+        # Stock: the handler's close is only a half close. The writer is not told: its write
+        # stalls on the window or (as 0.8.1 mostly does) "succeeds" into a stream nobody reads.
+        stock_listener = stock_host()
+        stock_listener.set_stream_handler(TProtocol(HOLD), _read_one_and_close)
+        async with running(stock_listener) as listener, running(stock_host(), ()) as dialer:
+            await dialer.connect(info(addr_of(listener)))
+            raw = await dialer.new_stream(listener.get_id(), [TProtocol(HOLD)])
+            with trio.move_on_after(prompt):
+                await raw.write(bytes(size))  # no error either way
+        # Ours
+        async with open_host() as a, open_host() as b:
+
+            async def take_one_byte(stream: Stream) -> None:
+                await stream.receive_some(1)  # and return
+
+            b.set_stream_handler(HOLD, take_one_byte)
+            await a.connect(b.listen_addrs()[0])
+            stream = await a.open_stream(b.peer_id, HOLD)
+            with trio.fail_after(prompt), pytest.raises(TransportError):
+                await stream.send_all(bytes(size))
+            assert b.peer_id in a.connected_peers()  # only the stream failed
+
+
+# -- (r) exceptions leave the host block unwrapped ----------------------------------------------
+
+
+@pytest.mark.timeout(30)
+async def test_r_the_callers_exception_leaves_the_block_as_it_was_raised() -> None:
+    with trio.fail_after(20):
+        with pytest.raises(ExceptionGroup):  # stock: wrapped, several levels deep
+            async with stock_host().run([Multiaddr(LOOPBACK)]):
+                raise KeyError("mine")
+        with pytest.raises(KeyError, match="mine"):
+            async with open_host():
+                raise KeyError("mine")
+        with pytest.raises(TransportError):
+            async with open_host() as host:
+                await host.connect("/ip4/127.0.0.1/tcp/1/p2p/" + NodeKey.generate().peer_id)
+
+
+# -- (s) a cancelled write leaves the connection whole -------------------------------------------
+
+
+async def _cancel_a_write_blocked_on_a_frozen_peer(proc: trio.Process, write: Any) -> None:
+    """Freeze the peer, start ``write`` (it fills the socket), cancel it after 1 s, thaw the
+    peer at 1.5 s: the cancellation hits a write that is blocked in the kernel."""
+
+    async def thaw_later() -> None:
+        await trio.sleep(1.5)
+        proc.send_signal(signal.SIGCONT)
+
+    proc.send_signal(signal.SIGSTOP)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(thaw_later)
+        with trio.move_on_after(1.0) as cancelled:
+            await write()
+    assert cancelled.cancelled_caught
+
+
+@pytest.mark.timeout(60)
+async def test_s_cancelling_a_blocked_write_keeps_the_connection_usable() -> None:
+    warm, size = 16 * MiB, 64 * MiB  # the warm-up grows the yamux window past the socket buffers
+    with trio.fail_after(45):
+        async with (
+            peer_process() as (proc, addr),
+            open_host(stall_timeout=10) as ours,
+            running(stock_host(), ()) as stock,
+        ):
+            # Stock: the cancellation lands inside a socket write, half an encrypted frame
+            # stays on the wire, and the whole connection breaks.
+            await stock.connect(info(addr))
+            peer_id = info(addr).peer_id
+            raw = await stock.new_stream(peer_id, [TProtocol(SINK)])
+            await raw.write(bytes(warm))
+            await _cancel_a_write_blocked_on_a_frozen_peer(proc, lambda: raw.write(bytes(size)))
+            with pytest.raises(Exception):  # noqa: B017  # whichever way the broken connection fails
+                probe = await stock.new_stream(peer_id, [TProtocol(ECHO)])
+                await probe.write(b"anyone?")
+                assert await probe.read(7) == b"anyone?"
+            # Ours
+            peer = await ours.connect(addr)
+            stream = await ours.open_stream(peer, SINK)
+            await stream.send_all(bytes(warm))
+            await _cancel_a_write_blocked_on_a_frozen_peer(
+                proc, lambda: stream.send_all(bytes(size))
+            )
+            # Assert: that stream is reset, the connection carries on
+            with pytest.raises(TransportError):
+                await stream.send_all(b"more")
+            working = await ours.open_stream(peer, ECHO)
+            assert await exchange(working, b"anyone?") == b"anyone?"
+            assert peer in ours.connected_peers()
 
 
 # -- the socket finder the frozen-peer fix relies on ---------------------------------------------
