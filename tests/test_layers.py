@@ -60,7 +60,8 @@ def _loaded_after(import_line: str) -> set[str]:
 def test_low_layers_import_no_trio_libp2p_or_torch() -> None:
     # Execute
     loaded = _loaded_after(
-        "import fednode.wire, fednode.crypto, fednode.errors, fednode.protocol.membership, fednode.protocol.dialing"
+        "import fednode.wire, fednode.crypto, fednode.errors,"
+        " fednode.protocol.membership, fednode.protocol.dialing"
     )
     # Assert
     assert not loaded & {"trio", "libp2p", "torch"}
