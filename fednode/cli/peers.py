@@ -93,31 +93,40 @@ def _print(status: NodeStatus, *, as_json: bool) -> None:
             indent=0,
         ),
     )
-    table = Table(title=f"{len(status.peers)} peer(s)", title_justify="left")
-    for column in (
-        "peer ID",
+    show_region = any(p.region for p in status.peers)
+    table = Table(
+        title=f"{len(status.peers)} peer(s)",
+        title_justify="left",
+        box=None,
+        pad_edge=False,
+        header_style="bold underline",
+    )
+    columns = [
+        "peer",
         "role",
         "state",
-        "region",
+        *(["region"] if show_region else []),
         "cpu",
         "mem",
         "clients",
         "RTT",
-        "last seen",
+        "seen",
         "round",
-    ):
+    ]
+    for column in columns:
         table.add_column(column, no_wrap=True)
     for p in status.peers:
-        table.add_row(
-            f"{p.peer[:12]}…{p.peer[-6:]}",
+        row = [
+            f"{p.peer[:8]}…{p.peer[-6:]}",
             p.role,
             p.state,
-            p.region or "-",
+            *([p.region or "-"] if show_region else []),
             f"{p.cpu:.0%}",
             f"{p.memory:.0%}",
             f"{p.attached}/{p.capacity}",
-            "-" if p.rtt_ms is None else f"{p.rtt_ms:.1f} ms",
-            f"{p.last_seen_ms / 1000:.1f} s ago",
+            "-" if p.rtt_ms is None else f"{p.rtt_ms:.1f}ms",
+            f"{p.last_seen_ms / 1000:.1f}s",
             str(p.round),
-        )
+        ]
+        table.add_row(*row)
     console.print(table)

@@ -19,13 +19,14 @@ from rich.console import Console
 from rich.rule import Rule
 
 from fednode.crypto import digest, load_key, seal_bytes
+from fednode.scenario.processes import NodeProcess
 from fednode.wire import FederationId, Model, ModelBlob, ModelUpdate, Nonce, SessionId, encode
 
 console = Console()
 
 
 def _run(*args: str, expect: int = 0) -> None:
-    console.print(f"[bold]$ fednode {shlex.join(args)}[/bold]")
+    console.print(f"[bold]$ fednode {shlex.join(args)}[/bold]", soft_wrap=True)
     result = subprocess.run(
         [sys.executable, "-m", "fednode", *args], capture_output=True, text=True
     )
@@ -38,6 +39,60 @@ def _run(*args: str, expect: int = 0) -> None:
             f"walkthrough: `fednode {shlex.join(args)}` exited {result.returncode},"
             f" expected {expect}"
         )
+
+
+def _network(workdir: Path) -> None:
+    """A bootstrap node and three nodes as separate processes over libp2p on loopback: they find
+    each other, one is killed, the others declare it dead."""
+    interval = "0.5"
+    nodes: list[NodeProcess] = []
+    try:
+        console.print("$ fednode start --role bootstrap --listen /ip4/127.0.0.1/tcp/0 &")
+        boot = NodeProcess(
+            workdir / "boot",
+            "--role",
+            "bootstrap",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--heartbeat-interval",
+            interval,
+        )
+        nodes.append(boot)
+        console.print(f"  peer ID {boot.peer_id}\n  listening {boot.addr}\n", soft_wrap=True)
+        for name, role in (("alpha", "combiner"), ("beta", "combiner"), ("gamma", "client")):
+            listen = () if role == "client" else ("--listen", "/ip4/127.0.0.1/tcp/0")
+            console.print(
+                f"$ fednode start --role {role} --bootstrap <bootstrap> {' '.join(listen)} &",
+                soft_wrap=True,
+            )
+            node = NodeProcess(
+                workdir / name,
+                "--role",
+                role,
+                "--bootstrap",
+                boot.addr,
+                *listen,
+                "--heartbeat-interval",
+                interval,
+            )
+            nodes.append(node)
+            console.print(f"  {name}: {node.peer_id} ({node.addr})", soft_wrap=True)
+        started = time.monotonic()
+        for node in nodes[1:]:
+            boot.wait_for("PeerJoined", node.peer_id)
+        console.print(
+            f"\nThe bootstrap saw all three join within {time.monotonic() - started:.1f} s.\n"
+        )
+        _run("peers", boot.addr)
+        victim = nodes[1]
+        console.print(f"kill -9 {victim.proc.pid}  (alpha, a combiner)")
+        killed_at = victim.kill()
+        died_at = boot.wait_for("PeerDied", victim.peer_id, since=killed_at)
+        console.print(f"The bootstrap declared alpha dead {died_at - killed_at:.2f} s later.\n")
+        _run("peers", boot.addr)
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     _run("inspect", str(workdir / "tampered.cbor"), expect=4)
     (workdir / "truncated.cbor").write_bytes(signed[:-7])
     _run("inspect", str(workdir / "truncated.cbor"), expect=3)
+
+    console.print(Rule("4. A small network"))
+    _network(workdir)
 
     console.print(Rule("done"))
     console.print(f"Files are in {workdir}. Next: `fednode --help`.")
