@@ -307,3 +307,25 @@ def test_key_files_are_never_signed_nor_accepted_from_an_envelope() -> None:
         seal(CLIENT, key_file)
     with pytest.raises(WireError):
         open_envelope(forged)
+
+
+def test_contributions_digest_is_blake3_of_the_canonical_array() -> None:
+    # Prepare
+    import cbor2
+
+    from fednode.crypto import contributions_digest, digest
+    from fednode.wire import Contribution
+
+    contributions = [
+        Contribution(signer=bytes([1]) * 32, update=bytes([2]) * 32, weight=10),
+        Contribution(signer=bytes([3]) * 32, update=bytes([4]) * 32, weight=7),
+    ]
+    expected = cbor2.dumps(
+        [{"signer": c.signer, "update": c.update, "weight": c.weight} for c in contributions],
+        canonical=True,
+    )
+    # Execute
+    result = contributions_digest(contributions)
+    # Assert
+    assert result == digest(expected)
+    assert result != contributions_digest(contributions[:1])

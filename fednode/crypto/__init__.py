@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from fednode.crypto.digest import DIGEST_SIZE, Hasher, digest, digest_chunks
+from fednode.crypto.digest import DIGEST_SIZE, Hasher, contributions_digest, digest, digest_chunks
 from fednode.crypto.envelope import (
     domain_of,
     open_envelope,
@@ -26,6 +26,7 @@ from fednode.crypto.keys import (
 __all__ = [
     "DIGEST_SIZE",
     "Hasher",
+    "contributions_digest",
     "KeyFile",
     "NodeKey",
     "digest",

@@ -1,7 +1,8 @@
 """Crypto layer: content digests for blobs.
 
-BLAKE3-256. Measured here on 100 MB (``python benchmarks/codec.py``): BLAKE3 ≈ 4.7 GB/s on one
-thread (≈ 8.6 GB/s with two), BLAKE2b-256 ≈ 0.78 GB/s, SHA-256 ≈ 0.84 GB/s, memcpy ≈ 1.7 GB/s.
+BLAKE3-256. Measured here on 100 MB (``python benchmarks/codec.py``): BLAKE3 ≈ 4.5 GB/s on one
+thread (no better with two on this 2-core machine), BLAKE2b-256 ≈ 0.5-0.8 GB/s, SHA-256 ≈
+0.75-0.84 GB/s, memcpy ≈ 1.6 GB/s.
 BLAKE2b would be slower than copying the blob and than the data plane's target rate; BLAKE3 is
 not, is itself a Merkle tree (so chunked verification stays an option), and already ships with
 libp2p's dependencies.
@@ -13,7 +14,8 @@ from collections.abc import Iterable
 
 import blake3
 
-from fednode.wire import Digest
+from fednode.wire import Contribution, Digest
+from fednode.wire.schema import encode_records
 
 DIGEST_SIZE = 32
 
@@ -44,3 +46,9 @@ class Hasher:
 
     def digest(self) -> Digest:
         return Digest(self._h.digest())
+
+
+def contributions_digest(contributions: Iterable[Contribution]) -> Digest:
+    """What a ``PartialRef`` commits to: BLAKE3-256 of the canonical CBOR array of the partial's
+    contributions, in the partial's order (sorted by signer)."""
+    return digest(encode_records(list(contributions)))

@@ -10,7 +10,9 @@ Rules every implementation keeps:
 - ``receive_some`` returns ``b""`` only at a clean end of stream; a reset raises
   :class:`~fednode.errors.TransportError`;
 - every foreign exception is translated to a :class:`~fednode.errors.TransportError`;
-- gossip delivery is best effort; a node never receives its own publishes.
+- gossip delivery is best effort; a node never receives its own publishes;
+- discovery (mDNS on a LAN, opt-in) reports only peers with a valid ``/p2p/`` ID other than our
+  own, each with full multiaddrs; a malformed announcement is dropped, never raised.
 
 Hosts are opened by async context managers that own their tasks: ``open_libp2p_host(key, ...)``
 and ``MemoryNetwork.open_host(key)``; leaving the block closes everything (``aclose``).
@@ -73,6 +75,15 @@ PeerEvent = PeerConnected | PeerDisconnected
 
 
 @dataclass(frozen=True, slots=True)
+class PeerDiscovered:
+    """``peer`` announced itself on the local network, dialable at ``addrs`` (full multiaddrs,
+    each ending in ``/p2p/<peer>``). Nothing is dialled: whom to dial is the node's decision."""
+
+    peer: PeerId
+    addrs: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class GossipMessage:
     """One message received on a subscribed topic. ``source`` is the originating peer."""
 
@@ -115,6 +126,11 @@ class Host(Protocol):
 
     def peer_events(self) -> trio.MemoryReceiveChannel[PeerEvent]:
         """A new channel of connection events from now on."""
+
+    def discoveries(self) -> trio.MemoryReceiveChannel[PeerDiscovered]:
+        """A new channel of peers found on the local network: first those found so far (and not
+        gone since), then each new or changed announcement. It stays empty unless the host was
+        opened with mDNS, and ends when the host closes."""
 
     async def aclose(self) -> None:
         """Close the listener, every connection and every task; idempotent."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NewType, Protocol, TypeVar, cast
 
 import cbor2
@@ -252,6 +252,12 @@ def encode(msg: Any) -> bytes:
     if spliced is None:  # a placeholder's random marker also occurs elsewhere in the message
         return cbor2.dumps(_to_map(msg, None, typed=True), canonical=True)
     return spliced
+
+
+def encode_records(records: Sequence[Any]) -> bytes:
+    """The canonical CBOR array of records (maps of their fields, no type or version): what a
+    commitment to a list of records, such as a partial's contributions, hashes."""
+    return cast(bytes, cbor2.dumps([_to_map(r, None, typed=False) for r in records], canonical=True))
 
 
 def decode_value(data: bytes, limits: Limits = CONTROL_LIMITS) -> Any:
