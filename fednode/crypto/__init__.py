@@ -26,9 +26,9 @@ from fednode.crypto.keys import (
 __all__ = [
     "DIGEST_SIZE",
     "Hasher",
-    "contributions_digest",
     "KeyFile",
     "NodeKey",
+    "contributions_digest",
     "digest",
     "digest_chunks",
     "domain_of",

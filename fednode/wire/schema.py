@@ -257,7 +257,9 @@ def encode(msg: Any) -> bytes:
 def encode_records(records: Sequence[Any]) -> bytes:
     """The canonical CBOR array of records (maps of their fields, no type or version): what a
     commitment to a list of records, such as a partial's contributions, hashes."""
-    return cast(bytes, cbor2.dumps([_to_map(r, None, typed=False) for r in records], canonical=True))
+    records_value = [_to_map(r, None, typed=False) for r in records]
+    encoded: bytes = cbor2.dumps(records_value, canonical=True)
+    return encoded
 
 
 def decode_value(data: bytes, limits: Limits = CONTROL_LIMITS) -> Any:
