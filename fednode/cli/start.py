@@ -54,7 +54,11 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         "--heartbeat-interval", type=float, metavar="SECONDS", help="heartbeat period (default: 1)"
     )
     parser.add_argument(
-        "--mdns", action="store_true", default=None, help="also find peers on the LAN with mDNS"
+        "--mdns",
+        action="store_true",
+        default=None,
+        help="also find peers on the LAN with mDNS: announce the listen addresses (not loopback) "
+        "by multicast on their interfaces and dial the peers heard (default: off)",
     )
     parser.add_argument("--quiet", action="store_true", help="do not log membership changes")
     return parser
@@ -107,7 +111,7 @@ async def _serve(config: NodeConfig) -> None:
     key, created = load_or_create_key(config.key_path)
     console = stdout_console()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_libp2p_host(key, config.listen_addrs()) as host:
+        async with open_libp2p_host(key, config.listen_addrs(), mdns=config.mdns) as host:
             addrs = host.listen_addrs()
             rows = [
                 ("peer ID", key.peer_id),

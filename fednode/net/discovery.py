@@ -35,12 +35,12 @@ class DiscoveryFeed:
 
     def open_channel(self) -> trio.MemoryReceiveChannel[PeerDiscovered]:
         send, receive = trio.open_memory_channel[PeerDiscovered](MAX_KNOWN)
+        if self._closed:
+            send.close()  # a closed host discovers nothing more: the channel ends at once
+            return receive
         for event in self._known.values():
             send.send_nowait(event)  # fits: at most MAX_KNOWN are known
-        if self._closed:
-            send.close()
-        else:
-            self._senders.append(send)
+        self._senders.append(send)
         return receive
 
     def report(self, event: PeerDiscovered) -> bool:
@@ -72,6 +72,7 @@ class DiscoveryFeed:
     def close(self) -> None:
         """End every channel; idempotent."""
         self._closed = True
+        self._known.clear()
         for send in self._senders:
             send.close()
         self._senders.clear()

@@ -134,4 +134,3 @@ class Host(Protocol):
 
     async def aclose(self) -> None:
         """Close the listener, every connection and every task; idempotent."""
-

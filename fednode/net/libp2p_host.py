@@ -55,9 +55,13 @@ identify, ping, GossipSub), with a workaround for each sharp edge of that releas
     wire and killed the connection with every stream on it. Our writes go out in chunks of at
     most 1 MiB under a cancel shield (bounded by ``stall_timeout``); a cancellation lands between
     chunks and resets only its stream.
+(t) mDNS, opt-in (``mdns=True``; tested in ``test_libp2p_mdns.py`` and, over real multicast, in
+    network namespaces): 0.8.1's MDNSDiscovery emits no event and binds every interface; ours
+    binds our listen interfaces, announces those addresses, and feeds ``discoveries()`` on trio.
 
 Internals are split: ``libp2p_workarounds`` (everything touching libp2p's private parts, and the
-host builder), ``libp2p_stream`` (Stream), ``libp2p_gossip`` (subscribe and publish).
+host builder), ``libp2p_stream`` (Stream), ``libp2p_gossip`` (subscribe and publish),
+``libp2p_mdns`` (LAN discovery).
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from libp2p.abc import INotifee
@@ -82,10 +86,12 @@ from multiaddr import Multiaddr
 
 from fednode.crypto.keys import NodeKey
 from fednode.errors import FednodeError, LocalProtocolError, TransportError
+from fednode.net.discovery import DiscoveryFeed
 from fednode.net.interface import (
     GossipMessage,
     PeerConnected,
     PeerDisconnected,
+    PeerDiscovered,
     PeerEvent,
     StreamHandler,
 )
@@ -102,12 +108,16 @@ from fednode.net.libp2p_workarounds import (
 )
 from fednode.wire import PeerId
 
+if TYPE_CHECKING:
+    from fednode.net.libp2p_mdns import MdnsService, MdnsStatistics
+
 logger = logging.getLogger("fednode.net.libp2p")
 
 __all__ = ["GOSSIP_MAX_MESSAGE", "Libp2pHost", "open_libp2p_host"]
 
 _EVENT_BUFFER = 1024
 _PING_SIZE = 32
+_DISCOVERED_ADDR_TTL = 120  # seconds libp2p's peerstore keeps an mDNS address (0.8.1's default)
 
 
 class Libp2pHost:
@@ -135,6 +145,8 @@ class Libp2pHost:
         self._peer_id = PeerId(str(self._own_id))
         self._event_senders: list[trio.MemorySendChannel[PeerEvent]] = []
         self._reported: set[PeerId] = set()
+        self._discovery = DiscoveryFeed(self._peer_id)
+        self._mdns: MdnsService | None = None
         self._closed = False
         self._closed_event = trio.Event()
         lhost.get_network().register_notifee(_PeerEventNotifee(self))
@@ -198,6 +210,30 @@ class Libp2pHost:
         else:
             self._event_senders.append(send)
         return receive
+
+    def discoveries(self) -> trio.MemoryReceiveChannel[PeerDiscovered]:
+        return self._discovery.open_channel()
+
+    def mdns_statistics(self) -> MdnsStatistics | None:
+        """mDNS counters, or None when the host was opened without mDNS."""
+        return None if self._mdns is None else self._mdns.statistics()
+
+    async def _start_mdns(self) -> None:
+        from fednode.net.libp2p_mdns import MdnsService  # zeroconf only when asked for
+
+        self._mdns = await MdnsService.start(
+            self._peer_id,
+            self.listen_addrs(),
+            on_discovered=self._discovered,
+            on_gone=self._discovery.forget,
+        )
+
+    def _discovered(self, event: PeerDiscovered) -> bool:
+        if not self._discovery.report(event):
+            return False
+        addrs = [info_from_p2p_addr(Multiaddr(addr)).addrs[0] for addr in event.addrs]
+        self._lhost.get_peerstore().add_addrs(_to_id(event.peer), addrs, _DISCOVERED_ADDR_TTL)
+        return True
 
     def _peer_connected(self, pid: ID) -> None:
         peer = PeerId(str(pid))
@@ -307,6 +343,9 @@ class Libp2pHost:
         self._closed = True
         with trio.CancelScope(shield=True):
             self._nursery.cancel_scope.cancel()
+            if self._mdns is not None:
+                await self._mdns.aclose()
+            self._discovery.close()
             for manager in (self._router.manager, self._pubsub.manager):
                 with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(Exception):
                     await manager.stop()
@@ -396,6 +435,7 @@ async def open_libp2p_host(
     stall_timeout: float = 15.0,
     dial_timeout: float = 10.0,
     subscription_buffer: int = 256,
+    mdns: bool = False,
 ) -> AsyncIterator[Libp2pHost]:
     """Run a libp2p host with ``key`` as its identity, listening on ``listen_addrs``
     (``/ip4/0.0.0.0/tcp/0`` style; port 0 picks a free port). Leaving the block closes it.
@@ -409,6 +449,9 @@ async def open_libp2p_host(
             make no progress. Either expiring disconnects the peer.
         dial_timeout: deadline of ``connect`` and ``open_stream``.
         subscription_buffer: messages held per subscriber before new ones are dropped.
+        mdns: find peers on the LAN with mDNS (``discoveries()``): announce our listen
+            addresses (not loopback) on their interfaces, or only listen if there are none.
+            Off by default: nothing is bound or sent for mDNS unless asked.
     """
     if not 0 < gossip_max_message <= GOSSIP_MAX_MESSAGE:
         raise ValueError(f"gossip_max_message must be in (0, {GOSSIP_MAX_MESSAGE}]")
@@ -450,6 +493,8 @@ async def open_libp2p_host(
                         dial_timeout=dial_timeout,
                     )
                     try:
+                        if mdns:
+                            await host._start_mdns()
                         yield host
                     except BaseException as exc:
                         body_error = exc

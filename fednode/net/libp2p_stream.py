@@ -26,7 +26,7 @@ from fednode.wire import PeerId
 logger = logging.getLogger("fednode.net.libp2p")
 
 _WRITE_CHUNK = 1024 * 1024  # bounded copies; large writes keep yamux frames full
-_WINDOW_POLL = 0.01  # yamux has no event for a window update; it polls at this rate itself
+_WINDOW_POLL = 0.01  # stock yamux has no event for a window update; it polls at this rate
 _RESET_TIMEOUT = 1.0
 
 
@@ -90,12 +90,16 @@ class Libp2pStream:
                 with trio.fail_after(self._limits.send_timeout):
                     while offset < len(view):
                         await trio.lowlevel.checkpoint_if_cancelled()  # chunks are shielded
-                        with trio.fail_after(self._limits.stall_timeout):
-                            room = await self._wait_send_window()
-                        end = offset + min(room, _WRITE_CHUNK, len(view) - offset)
-                        with trio.CancelScope(shield=True):
+                        room = self._open_send_window()
+                        if not room:
                             with trio.fail_after(self._limits.stall_timeout):
-                                await self._net.write(bytes(view[offset:end]))
+                                room = await self._wait_send_window()
+                        end = offset + min(room, _WRITE_CHUNK, len(view) - offset)
+                        deadline = trio.current_time() + self._limits.stall_timeout
+                        with trio.CancelScope(shield=True, deadline=deadline) as chunk:
+                            await self._net.write(view[offset:end])  # yamux copies it
+                        if chunk.cancelled_caught:
+                            raise trio.TooSlowError
                         offset = end
             except trio.TooSlowError as exc:
                 await self._stalled("send timed out")
@@ -107,6 +111,11 @@ class Libp2pStream:
             except Exception as exc:
                 raise TransportError(f"{self!r}: send failed: {exc!r}") from exc
 
+    def _open_send_window(self) -> int:
+        """Bytes yamux takes at once now (0: wait for the window, or not yamux)."""
+        window = getattr(self._net.muxed_stream, "send_window", None)
+        return window if isinstance(window, int) and window > 0 else 0
+
     async def _wait_send_window(self) -> int:
         """Bytes yamux will take without waiting. Waiting here rather than inside yamux's write
         avoids its fixed 5 s window timeout; our stall deadline bounds the wait instead."""
@@ -114,6 +123,9 @@ class Libp2pStream:
         window = getattr(muxed, "send_window", None)
         if not isinstance(window, int):  # another muxer: let it do its own flow control
             return _WRITE_CHUNK
+        wait_send_window = getattr(muxed, "wait_send_window", None)
+        if wait_send_window is not None:  # the fast path's yamux: woken by the update
+            await wait_send_window()
         while muxed.send_window <= 0 and not (muxed.closed or muxed.send_closed):
             await trio.sleep(_WINDOW_POLL)
         return max(int(muxed.send_window), 1)

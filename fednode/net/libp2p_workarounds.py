@@ -38,10 +38,14 @@ from libp2p.transport.upgrader import TransportUpgrader
 from multiaddr import Multiaddr
 from multiaddr.utils import get_thin_waist_addresses
 
+from fednode.net.libp2p_fastpath import FastNoiseTransport, use_fast_yamux
+
 logger = logging.getLogger("fednode.net.libp2p")
 
 DEBUG_ENV = "FEDNODE_LIBP2P_DEBUG"
 """Set this environment variable to see libp2p's own log output below ERROR."""
+FASTPATH_ENV = "FEDNODE_LIBP2P_FASTPATH"
+"""Set to ``0`` to build hosts with stock py-libp2p Noise and yamux (for A/B measurements)."""
 
 # Concurrent connections. With the inbound leak fixed (FednodeSwarm) this is a real cap on open
 # connections, not the cumulative count it was in 0.8.1; far above what one Python node serves.
@@ -335,7 +339,8 @@ def connection_config(dial_timeout: float) -> ConnectionConfig:
 
 
 def build_host(seed: bytes, *, dial_timeout: float) -> Any:
-    """A BasicHost with TCP + Noise (only) + yamux (only), identify and ping, and the fixes above.
+    """A BasicHost with TCP + Noise (only) + yamux (only), identify and ping, and the fixes above;
+    Noise and yamux run on :mod:`fednode.net.libp2p_fastpath` unless ``FEDNODE_LIBP2P_FASTPATH=0``.
 
     Built by hand rather than with ``libp2p.new_host`` so that the fixed Swarm and PeerStore are
     constructed, not patched in, and so that nothing else (plaintext, secio, TLS, mplex, QUIC) is
@@ -343,12 +348,17 @@ def build_host(seed: bytes, *, dial_timeout: float) -> Any:
     """
     key_pair = key_pair_from_seed(seed)
     own_id = ID.from_pubkey(key_pair.public_key)
-    noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
+    fast = os.environ.get(FASTPATH_ENV, "1") != "0"  # see fednode.net.libp2p_fastpath
+    noise = (FastNoiseTransport if fast else NoiseTransport)(
+        key_pair, noise_privkey=create_new_x25519_key_pair().private_key
+    )
     upgrader = TransportUpgrader(
         secure_transports_by_protocol={NOISE_PROTOCOL_ID: noise},
         muxer_transports_by_protocol={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         negotiate_timeout=_NEGOTIATE_TIMEOUT,
     )
+    if fast:
+        use_fast_yamux(upgrader, _NEGOTIATE_TIMEOUT)
     peerstore = FednodePeerStore(own_id)
     peerstore.add_key_pair(own_id, key_pair)
     swarm = FednodeSwarm(

@@ -20,10 +20,12 @@ import trio
 
 from fednode.crypto.keys import NodeKey, public_key_from_peer_id
 from fednode.errors import TransportError
+from fednode.net.discovery import DiscoveryFeed
 from fednode.net.interface import (
     GossipMessage,
     PeerConnected,
     PeerDisconnected,
+    PeerDiscovered,
     PeerEvent,
     StreamHandler,
 )
@@ -229,6 +231,9 @@ class MemoryNetwork:
     cost one round trip, ``2 * latency``), ``drop`` and ``duplicate`` are probabilities per gossip
     copy crossing the link. Stream bytes are reliable and not delayed, like TCP without a rate cap.
 
+    The network is also one LAN segment: hosts opened with ``mdns=True`` hear each other's
+    announcements (see :meth:`open_host`), at once and in the order they opened.
+
     Args:
         seed: seeds every link's random stream.
         stream_buffer: bytes each direction of a stream buffers before ``send_all`` blocks.
@@ -259,6 +264,7 @@ class MemoryNetwork:
         self._connections: dict[frozenset[PeerId], _Connection] = {}
         self._links: dict[frozenset[PeerId], _Link] = {}
         self._group_of: dict[PeerId, int] | None = None
+        self._lan: dict[PeerId, MemoryHost] = {}  # hosts opened with mdns=True
         self._sequence = 0
         self._delivered = 0
         self._lost = 0
@@ -268,9 +274,15 @@ class MemoryNetwork:
     # -- hosts --------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def open_host(self, key: NodeKey, listen: bool = True) -> AsyncIterator[MemoryHost]:
+    async def open_host(
+        self, key: NodeKey, listen: bool = True, *, mdns: bool = False
+    ) -> AsyncIterator[MemoryHost]:
         """Open a host for ``key``. With ``listen=False`` it has no address: it can dial out
-        but cannot be dialled, like a client with no inbound port."""
+        but cannot be dialled, like a client with no inbound port.
+
+        With ``mdns=True`` it joins the LAN: its ``discoveries()`` report every listening mDNS
+        host already open, and those hear it (if it listens) as it opens. A host that closes or
+        is killed leaves the LAN: new ``discoveries()`` channels no longer report it."""
         peer = key.peer_id
         if peer in self._hosts or peer in self._starting:
             raise TransportError(f"{peer} already has an open host on this network")
@@ -287,6 +299,8 @@ class MemoryNetwork:
                     finally:
                         self._starting.discard(peer)
                     self._hosts[peer] = host  # reachable only once its nursery runs
+                    if mdns:
+                        self._join_lan(host)
                     yield host
                 finally:
                     host._shut_down()
@@ -408,6 +422,18 @@ class MemoryNetwork:
             return peer, None
         return peer, host
 
+    def _join_lan(self, host: MemoryHost) -> None:
+        for other in self._lan.values():
+            _hear(other, host)
+            _hear(host, other)
+        self._lan[host.peer_id] = host
+
+    def _leave_lan(self, host: MemoryHost) -> None:
+        if self._lan.get(host.peer_id) is host:
+            del self._lan[host.peer_id]
+            for other in self._lan.values():
+                other._discovery.forget(host.peer_id)
+
     def _connect(self, a: MemoryHost, b: MemoryHost) -> _Connection:
         connection = _Connection(a, b)
         self._connections[frozenset((a.peer_id, b.peer_id))] = connection
@@ -496,6 +522,7 @@ class MemoryHost:
         self._handlers: dict[str, StreamHandler] = {}
         self._subscriptions: dict[str, list[trio.MemorySendChannel[GossipMessage]]] = {}
         self._event_channels: list[trio.MemorySendChannel[PeerEvent]] = []
+        self._discovery = DiscoveryFeed(peer)
         self._delayed: list[tuple[float, int, GossipMessage]] = []
         self._delayed_changed = trio.lowlevel.ParkingLot()
         self._tasks: trio.Nursery | None = None
@@ -614,6 +641,9 @@ class MemoryHost:
             self._event_channels.append(send)
         return receive
 
+    def discoveries(self) -> trio.MemoryReceiveChannel[PeerDiscovered]:
+        return self._discovery.open_channel()
+
     async def aclose(self) -> None:
         self._shut_down()
         await trio.lowlevel.checkpoint()
@@ -726,6 +756,7 @@ class MemoryHost:
         network = self._network
         if network._hosts.get(self._peer_id) is self:
             del network._hosts[self._peer_id]
+        network._leave_lan(self)
         for connection in list(self._connections.values()):
             network._drop_connection(connection, f"{self._peer_id} went away")
         for channels in self._subscriptions.values():
@@ -735,9 +766,19 @@ class MemoryHost:
         for events in self._event_channels:
             events.close()
         self._event_channels.clear()
+        self._discovery.close()
         self._delayed.clear()
         if self._tasks is not None:
             self._tasks.cancel_scope.cancel()
+
+
+def _hear(listener: MemoryHost, announcer: MemoryHost) -> None:
+    """``announcer``'s mDNS announcement reaches ``listener``; a host without an address has
+    nothing to announce."""
+    addrs = announcer.listen_addrs()
+    event = PeerDiscovered(peer=announcer.peer_id, addrs=tuple(addrs))
+    if addrs and listener._discovery.report(event):
+        listener._learn_addrs(announcer.peer_id, addrs)
 
 
 if TYPE_CHECKING:

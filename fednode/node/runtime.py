@@ -1,6 +1,7 @@
 """Node layer: the trio driver every role shares. It pumps the sans-IO machines (membership view,
 dial planner) with what the host reports, publishes signed heartbeats, keeps its peers dialled
-and remembered, and answers ``/fednode/status/1.0.0``.
+and remembered, and answers ``/fednode/status/1.0.0``. Peers come from the bootstrap list, the
+peerstore, heartbeats and, when the host runs mDNS, its LAN discoveries.
 
 All time comes from ``trio.current_time()`` (so tests run it on MockClock over the in-memory
 transport); wall-clock milliseconds for heartbeats come from the ``wall_ms`` callable it is given.
@@ -21,7 +22,7 @@ import trio
 from fednode.crypto import NodeKey, seal_bytes
 from fednode.errors import BadSignatureError, TransportError, WireError
 from fednode.net.framing import receive_frame, send_frame
-from fednode.net.interface import GossipMessage, Host, PeerConnected, Stream
+from fednode.net.interface import GossipMessage, Host, PeerConnected, PeerDiscovered, Stream
 from fednode.node.config import NodeConfig
 from fednode.node.peerstore import PeerStore
 from fednode.protocol.dialing import DialPlanner, peer_of
@@ -192,6 +193,21 @@ class Node:
                 self._handle(self.view.on_disconnected(event.peer, now))
             self._wake()
 
+    async def _watch_discoveries(self) -> None:
+        """Dial and remember the peers the host finds on the LAN, as if a heartbeat had named
+        them (so, beyond :data:`TARGET_CONNECTIONS`, gossip reaches them instead)."""
+        async for found in self.host.discoveries():
+            self._discovered(found)
+
+    def _discovered(self, found: PeerDiscovered) -> None:
+        log.info("PeerDiscovered %s at %s", found.peer, " ".join(found.addrs))
+        self.peerstore.remember(found.peer, list(found.addrs))
+        if len(self.host.connected_peers()) < TARGET_CONNECTIONS:
+            now = trio.current_time()
+            for addr in found.addrs:
+                self.planner.add(addr, now)
+        self._wake()
+
     async def _run_timers(self) -> None:
         """Apply membership deadlines on time, and dial what the planner says is due."""
         async with trio.open_nursery() as dials:
@@ -297,6 +313,7 @@ class Node:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_peers)
+                nursery.start_soon(self._watch_discoveries)
                 nursery.start_soon(self._receive_gossip, channel)
                 nursery.start_soon(self._run_timers)
                 nursery.start_soon(self._publish_heartbeats)

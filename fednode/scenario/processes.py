@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -41,9 +41,16 @@ class NodeProcess:
         *args: str,
         wait: float = DEFAULT_WAIT,
         extra_env: dict[str, str] | None = None,
+        command_prefix: Sequence[str] = (),
     ) -> None:
+        """``command_prefix`` runs the node under another command, such as
+        ``("ip", "netns", "exec", "ns1")`` (which execs it: signals still reach the node)."""
         self.wait = wait
-        command = [sys.executable, "-m", "fednode", "start", "--data-dir", str(data_dir), *args]
+        command = [
+            *command_prefix,
+            sys.executable,
+            *("-m", "fednode", "start", "--data-dir", str(data_dir), *args),
+        ]
         self.proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,

@@ -544,3 +544,20 @@ async def test_gossip_is_not_delivered_to_its_publisher(
         assert all(m.source == a.peer_id for m in received)
         with pytest.raises(trio.WouldBlock):
             at_a.receive_nowait()
+
+
+async def test_discoveries_stay_empty_without_mdns_and_end_at_close(
+    make_host: HostFactory, clock: MockClock | None
+) -> None:
+    # Prepare: hosts are opened without mDNS (the default); connecting is not discovering
+    a, b = await make_host(), await make_host()
+    found = a.discoveries()
+    await a.connect(b.listen_addrs()[0])
+    # Execute
+    with pytest.raises(trio.WouldBlock):
+        found.receive_nowait()
+    await a.aclose()
+    # Assert
+    with trio.fail_after(DEADLINE):
+        assert [event async for event in found] == []
+    assert [event async for event in a.discoveries()] == []

@@ -1,5 +1,5 @@
 """The node driver over the in-memory transport on trio's MockClock: discovery through a
-bootstrap, heartbeats, failure detection at exact virtual times, rejoin, status."""
+bootstrap or mDNS on a LAN, heartbeats, failure detection at exact virtual times, rejoin, status."""
 
 from __future__ import annotations
 
@@ -32,13 +32,16 @@ def _key(i: int) -> NodeKey:
     return NodeKey(bytes([i + 1]) * 32)
 
 
-def _config(tmp_path: Path, i: int, role: str, bootstrap: tuple[str, ...] = ()) -> NodeConfig:
+def _config(
+    tmp_path: Path, i: int, role: str, bootstrap: tuple[str, ...] = (), mdns: bool = False
+) -> NodeConfig:
     return NodeConfig(
         role=role,
         federation="fed",
         data_dir=tmp_path / f"n{i}",
         bootstrap=bootstrap,
         heartbeat_interval=INTERVAL,
+        mdns=mdns,
     )  # type: ignore[arg-type]
 
 
@@ -49,12 +52,16 @@ async def _start(
     i: int,
     role: str,
     bootstrap: tuple[str, ...] = (),
+    *,
+    mdns: bool = False,
 ) -> Node:
+    """A node on a host of ``net``; with ``mdns`` both join the network's LAN, as
+    ``fednode start --mdns`` passes ``config.mdns`` to its host."""
     key = _key(i)
-    host = await stack.enter_async_context(net.open_host(key, listen=role != "client"))
+    host = await stack.enter_async_context(net.open_host(key, listen=role != "client", mdns=mdns))
     return await stack.enter_async_context(
         open_node(
-            _config(tmp_path, i, role, bootstrap),
+            _config(tmp_path, i, role, bootstrap, mdns),
             key,
             host,
             rng=random.Random(i),
@@ -192,3 +199,57 @@ async def test_bad_heartbeats_are_ignored_and_counted(
         )
     # Assert
     assert rogue_key.peer_id not in {m.peer for m in boot.view.members()}
+
+
+async def test_nodes_on_one_lan_find_each_other_with_mdns_and_no_bootstrap(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # Prepare
+    net = MemoryNetwork(seed=6)
+    async with AsyncExitStack() as stack:
+        a = await _start(stack, net, tmp_path, 1, "combiner", mdns=True)
+        b = await _start(stack, net, tmp_path, 2, "combiner", mdns=True)
+        # Execute
+        joined_at = await _wait_until(lambda: _alive(a) == {b.peer_id} and _alive(b) == {a.peer_id})
+        connected, a_addrs = a.host.connected_peers(), a.host.listen_addrs()
+    # Assert: b heard a as it opened and dialled at once; each then took the other's heartbeat
+    # (a's first one went out before they were connected, so b waits for a's second, at 1 s)
+    assert joined_at == pytest.approx(INTERVAL)  # to the STEP: the first step past 1 s
+    assert connected == [b.peer_id]
+    assert a.view.statistics().accepted >= 1 and b.view.statistics().accepted >= 1
+    assert [known.peer for known in a.peerstore.peers()] == [b.peer_id]
+    assert b.peerstore.peers()[0].addrs == tuple(a_addrs)
+
+
+async def test_without_mdns_nodes_on_one_network_stay_strangers(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # Prepare
+    net = MemoryNetwork(seed=7)
+    async with AsyncExitStack() as stack:
+        a = await _start(stack, net, tmp_path, 1, "combiner")
+        b = await _start(stack, net, tmp_path, 2, "combiner", mdns=True)  # one side is not enough
+        # Execute
+        await trio.sleep(10 * INTERVAL)
+    # Assert
+    assert a.heartbeats_sent >= 10 and b.heartbeats_sent >= 10
+    assert a.host.connected_peers() == [] and b.host.connected_peers() == []
+    assert list(a.view.members()) == [] and list(b.view.members()) == []
+    assert a.peerstore.peers() == [] and b.peerstore.peers() == []
+
+
+async def test_a_client_without_an_inbound_port_finds_a_combiner_with_mdns(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # Prepare
+    net = MemoryNetwork(seed=8)
+    async with AsyncExitStack() as stack:
+        combiner = await _start(stack, net, tmp_path, 1, "combiner", mdns=True)
+        # Execute: the client announces nothing, it only listens, and dials what it hears
+        client = await _start(stack, net, tmp_path, 2, "client", mdns=True)
+        joined_at = await _wait_until(
+            lambda: _alive(combiner) == {client.peer_id} and _alive(client) == {combiner.peer_id}
+        )
+    # Assert
+    assert joined_at == pytest.approx(INTERVAL)  # to the STEP: the first step past 1 s
+    assert combiner.peerstore.peers() == []  # nothing to remember: the client has no address

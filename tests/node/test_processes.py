@@ -66,6 +66,7 @@ def test_processes_join_detect_a_kill_and_rejoin(tmp_path: Path, nodes: list[Nod
         node.wait_for("PeerRecovered", victim.peer_id, since=killed_at)
 
     # Assert
+    print(f"kill -9 -> PeerDied at each survivor: {[round(d, 2) for d in detected]} s")
     assert restarted.peer_id == victim.peer_id
     assert max(detected) <= DETECTION + SLACK, detected
 
@@ -79,6 +80,7 @@ def test_sigint_stops_a_node_cleanly(tmp_path: Path, nodes: list[NodeProcess]) -
     code = node.stop()
     took = time.monotonic() - stopped_at
     # Assert
+    print(f"SIGINT -> exit: {took:.2f} s")
     assert code == 0
     assert took < 5.0  # the stated bound is 1 s; this only guards against hangs on a loaded CI
     assert "Traceback" not in node.stderr_after_exit()
