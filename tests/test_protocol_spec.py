@@ -364,12 +364,85 @@ def _plane_examples() -> dict[str, Callable[[], Any]]:
     }
 
 
+def _round_examples() -> dict[str, Callable[[], Any]]:
+    from fednode.wire import messages as m
+    from fednode.wire import rounds
+
+    parent, update = _digests()
+    signer = key().public_key
+    demo, s1 = schema.FederationId("demo"), schema.SessionId("s1")
+
+    def session_config() -> rounds.SessionConfig:
+        return rounds.SessionConfig(
+            rounds=10, min_clients=2, max_retries=2, round_deadline_ms=60_000, epochs=1,
+            batch_size=32, lr=0.05, aggregator="fedavg", server_optimizer="fedadam",
+            server_lr=0.01, server_momentum=0.9, beta1=0.9, beta2=0.99, tau=1e-3, eval_every=1,
+            seed=0, task="fednode.task.digits", partition="dirichlet", alpha=0.5, proximal_mu=0.0,
+        )  # fmt: skip
+
+    def assignment() -> rounds.Assignment:
+        return rounds.Assignment(combiner=key().peer_id, clients=(key().peer_id,))
+
+    contribution = m.Contribution(signer=signer, update=update, weight=100)
+    return {
+        "SessionConfig": session_config,
+        "Assignment": assignment,
+        "RoundPlan": lambda: rounds.RoundPlan(
+            federation=demo,
+            session=s1,
+            term=0,
+            round=1,
+            amendment=0,
+            parent=parent,
+            parent_size=79,
+            holders=(key().peer_id,),
+            assignments=(assignment(),),
+            min_clients=1,
+            deadline_ms=1_700_000_060_000,
+            config=session_config(),
+            reducer=signer,
+            created_ms=1_700_000_000_000,
+        ),
+        "RoundResult": lambda: rounds.RoundResult(
+            federation=demo,
+            session=s1,
+            term=0,
+            round=1,
+            amendment=0,
+            parent=parent,
+            model=update,
+            size=79,
+            partials=(
+                m.PartialRef(
+                    combiner=signer, partial=update, total_weight=100, contributions=parent
+                ),
+            ),
+            included=(contribution,),
+            num_examples=100,
+            metrics={"loss": 0.25},
+            reducer=signer,
+            created_ms=1_700_000_000_000,
+        ),
+        "SessionEnded": lambda: rounds.SessionEnded(
+            federation=demo,
+            session=s1,
+            term=0,
+            outcome="completed",
+            rounds=10,
+            model=update,
+            reason="",
+            reducer=signer,
+            created_ms=1_700_000_000_000,
+        ),
+    }
+
+
 @cache
 def example(class_name: str) -> Any:
     """A valid instance of a message or record (for narrowing probes and wire.md's examples),
     built on demand so that a class that changed breaks only what uses it. None if there is none.
     """
-    factory = {**_core_examples(), **_plane_examples()}.get(class_name)
+    factory = {**_core_examples(), **_plane_examples(), **_round_examples()}.get(class_name)
     return None if factory is None else factory()
 
 

@@ -37,6 +37,17 @@ from fednode.wire import (
     encode,
 )
 from fednode.wire.control import Heartbeat, Role
+from fednode.wire.rounds import (
+    MAX_ROUND_DEADLINE_MS,
+    Assignment,
+    PartitionScheme,
+    RoundPlan,
+    RoundResult,
+    ServerOptimizer,
+    SessionConfig,
+    SessionEnded,
+    SessionOutcome,
+)
 from fednode.wire.schema import INT_MAX, INT_MIN
 from fednode.wire.status import MemberState, NodeStatus, PeerStatus
 from fednode.wire.transfer import (
@@ -175,6 +186,124 @@ def blob_responses(draw: st.DrawFn) -> BlobResponse:
     )
 
 
+FEDERATIONS = st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True)
+SESSIONS = st.text(min_size=1, max_size=24)
+POSITIVE = st.floats(min_value=0.0, exclude_min=True, allow_infinity=False, allow_nan=False)
+UNIT = st.floats(min_value=0.0, max_value=1.0, exclude_max=True)
+SESSION_CONFIGS = st.builds(
+    SessionConfig,
+    rounds=st.integers(1, INT_MAX),
+    min_clients=st.integers(1, INT_MAX),
+    max_retries=U64,
+    round_deadline_ms=st.integers(1, MAX_ROUND_DEADLINE_MS),
+    epochs=st.integers(1, INT_MAX),
+    batch_size=st.integers(1, INT_MAX),
+    lr=POSITIVE,
+    aggregator=st.just("fedavg"),
+    server_optimizer=st.sampled_from(typing.get_args(ServerOptimizer)),
+    server_lr=POSITIVE,
+    server_momentum=UNIT,
+    beta1=UNIT,
+    beta2=UNIT,
+    tau=POSITIVE,
+    eval_every=U64,
+    seed=U64,
+    task=st.from_regex(r"[a-z_.:/]{1,40}", fullmatch=True),
+    partition=st.sampled_from(typing.get_args(PartitionScheme)),
+    alpha=POSITIVE,
+    proximal_mu=st.floats(min_value=0.0, allow_infinity=False, allow_nan=False),
+)
+
+
+@st.composite
+def round_plans(draw: st.DrawFn) -> RoundPlan:
+    combiners = sorted(draw(st.sets(PEER_IDS, max_size=3)))
+    clients = draw(st.lists(PEER_IDS, unique=True, max_size=6))
+    groups: dict[str, list[str]] = {}
+    for client in clients:
+        if combiners:
+            groups.setdefault(draw(st.sampled_from(combiners)), []).append(client)
+    created = draw(st.integers(0, 2**62))
+    return RoundPlan(
+        federation=draw(FEDERATIONS),
+        session=draw(SESSIONS),
+        term=draw(U64),
+        round=draw(st.integers(1, INT_MAX)),
+        amendment=draw(U64),
+        parent=draw(DIGESTS),
+        parent_size=draw(U64),
+        holders=tuple(draw(st.lists(PEER_IDS, max_size=3))),
+        assignments=tuple(
+            Assignment(combiner=c, clients=tuple(sorted(ks))) for c, ks in sorted(groups.items())
+        ),
+        min_clients=draw(st.integers(1, INT_MAX)),
+        deadline_ms=created + draw(st.integers(1, 2**62)),
+        config=draw(SESSION_CONFIGS),
+        reducer=draw(KEYS),
+        created_ms=created,
+    )
+
+
+@st.composite
+def round_results(draw: st.DrawFn) -> RoundResult:
+    by_signer = draw(
+        st.dictionaries(KEYS, st.tuples(DIGESTS, st.integers(1, 2**50)), min_size=1, max_size=5)
+    )
+    included = tuple(
+        Contribution(signer=signer, update=update, weight=weight)
+        for signer, (update, weight) in sorted(by_signer.items())
+    )
+    cuts = (
+        sorted(draw(st.sets(st.integers(1, len(included) - 1), max_size=3)))
+        if len(included) > 1
+        else []
+    )
+    bounds = [0, *cuts, len(included)]
+    count = len(bounds) - 1  # one partial per run of contributions between cuts
+    combiners = sorted(draw(st.lists(KEYS, unique=True, min_size=count, max_size=count)))
+    partials = tuple(
+        PartialRef(
+            combiner=combiner,
+            partial=draw(DIGESTS),
+            total_weight=sum(c.weight for c in included[lo:hi]),
+            contributions=draw(DIGESTS),
+        )
+        for combiner, lo, hi in zip(combiners, bounds, bounds[1:], strict=False)
+    )
+    return RoundResult(
+        federation=draw(FEDERATIONS),
+        session=draw(SESSIONS),
+        term=draw(U64),
+        round=draw(st.integers(1, INT_MAX)),
+        amendment=draw(U64),
+        parent=draw(DIGESTS),
+        model=draw(DIGESTS),
+        size=draw(U64),
+        partials=partials,
+        included=included,
+        num_examples=sum(c.weight for c in included),
+        metrics=draw(METRICS),
+        reducer=draw(KEYS),
+        created_ms=draw(U64),
+    )
+
+
+@st.composite
+def sessions_ended(draw: st.DrawFn) -> SessionEnded:
+    outcome = draw(st.sampled_from(typing.get_args(SessionOutcome)))
+    return SessionEnded(
+        federation=draw(FEDERATIONS),
+        session=draw(SESSIONS),
+        term=draw(U64),
+        outcome=outcome,
+        rounds=draw(U64),
+        model=draw(DIGESTS),
+        reason=draw(st.text(min_size=1, max_size=32)) if outcome == "failed" else "",
+        reducer=draw(KEYS),
+        created_ms=draw(U64),
+    )
+
+
 PEER_STATUSES = st.builds(
     PeerStatus,
     peer=PEER_IDS,
@@ -252,6 +381,9 @@ STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
         session=st.text(max_size=24),
         round=st.integers(-1, INT_MAX),
     ),
+    "round-plan": round_plans(),
+    "round-result": round_results(),
+    "session-ended": sessions_ended(),
     "blob-request": blob_requests(),
     "blob-response": blob_responses(),
     "push-offer": st.builds(

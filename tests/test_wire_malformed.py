@@ -39,6 +39,7 @@ from fednode.wire import (
     encode,
 )
 from fednode.wire.control import Heartbeat
+from fednode.wire.rounds import Assignment, RoundPlan, RoundResult, SessionConfig, SessionEnded
 from fednode.wire.scan import ALLOWED_TAGS
 from fednode.wire.status import NodeStatus, PeerStatus
 from fednode.wire.transfer import BlobRequest, BlobResponse, PushAck, PushOffer, PushReply
@@ -50,6 +51,15 @@ for _module in pkgutil.iter_modules(fednode.wire.__path__):
 K1, K2, K3 = (bytes([i]) * 32 for i in (1, 2, 3))
 D1, D2, D3 = (bytes([i]) * 32 for i in (0xD1, 0xD2, 0xD3))
 NONCE = bytes(range(16))
+P1 = "12D3KooWA4Xop1JaT3MHxwYMkCepYsv4iPVopMXwCz5iHYdBfeSB"
+P2 = "12D3KooWHHzSeKaY8xuZVzkLbKFfvNgPPeKhFBGrMbNzbm5akpqu"
+P3 = "12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
+CONFIG = SessionConfig(
+    rounds=10, min_clients=2, max_retries=1, round_deadline_ms=60_000, epochs=1, batch_size=32,
+    lr=0.05, aggregator="fedavg", server_optimizer="fedyogi", server_lr=0.01,
+    server_momentum=0.0, beta1=0.9, beta2=0.99, tau=1e-3, eval_every=2, seed=7,
+    task="fednode.task.digits", partition="dirichlet", alpha=0.5, proximal_mu=0.01,
+)  # fmt: skip
 
 #: One valid message of every wire type, exercising every kind of field.
 SAMPLES: dict[str, Any] = {
@@ -135,6 +145,55 @@ SAMPLES: dict[str, Any] = {
         addrs=("/ip4/127.0.0.1/tcp/4001",),
         session="s1",
         round=-1,
+    ),
+    "round-plan": RoundPlan(
+        federation="fed",
+        session="s1",
+        term=1,
+        round=3,
+        amendment=1,
+        parent=D1,
+        parent_size=1234,
+        holders=(P1,),
+        assignments=(
+            Assignment(combiner=P1, clients=(P1, P3)),
+            Assignment(combiner=P2, clients=(P2,)),
+        ),
+        min_clients=2,
+        deadline_ms=1_700_000_060_000,
+        config=CONFIG,
+        reducer=K1,
+        created_ms=1_700_000_000_000,
+    ),
+    "round-result": RoundResult(
+        federation="fed",
+        session="s1",
+        term=1,
+        round=3,
+        amendment=1,
+        parent=D1,
+        model=D2,
+        size=1234,
+        partials=(PartialRef(combiner=K2, partial=D3, total_weight=40, contributions=D1),),
+        included=(
+            Contribution(signer=K1, update=D1, weight=10),
+            Contribution(signer=K3, update=D3, weight=30),
+        ),
+        num_examples=40,
+        metrics={"loss": 0.25, "eval_accuracy": 0.9},
+        reducer=K1,
+        created_ms=1_700_000_000_000,
+    ),
+    "session-ended": SessionEnded(
+        federation="fed",
+        session="s1",
+        term=1,
+        outcome="failed",
+        rounds=2,
+        model=D2,
+        reason="round 3 fell short",
+        reducer=K1,
+        created_ms=1_700_000_000_000,
     ),
     "blob-request": BlobRequest(digest=D1, offset=2 << 20, max_size=1 << 30, chunk_size=1 << 20),
     "blob-response": BlobResponse(
@@ -341,6 +400,9 @@ def test_a_field_of_the_wrong_type_is_rejected(type_name: str, field: str) -> No
         ("partial-aggregate", "contributions", 1, {"signer": b"\3" * 31}),
         ("global-model", "partials", 0, {"zzz": 1}),
         ("global-model", "partials", 0, {"total_weight": 40.0}),
+        ("round-plan", "assignments", 1, {"clients": []}),
+        ("round-plan", "assignments", 0, {"combiner": "not a peer id"}),
+        ("round-result", "included", 1, {"weight": 0}),
     ],
 )
 def test_a_bad_record_inside_a_message_is_rejected(
@@ -953,6 +1015,14 @@ def _partial_ref(combiner: bytes, weight: int) -> dict[str, Any]:
     return {"combiner": combiner, "partial": D2, "total_weight": weight, "contributions": D3}
 
 
+def _assignment(combiner: str, *clients: str) -> dict[str, Any]:
+    return {"combiner": combiner, "clients": list(clients)}
+
+
+def _config(**changes: Any) -> dict[str, Any]:
+    return plain(SAMPLES["round-plan"])["config"] | changes
+
+
 @pytest.mark.parametrize(
     ("type_name", "changes"),
     [
@@ -976,6 +1046,28 @@ def _partial_ref(combiner: bytes, weight: int) -> dict[str, Any]:
         ("envelope", {"domain": ""}),
         ("envelope", {"domain": "d" * 129}),
         ("envelope", {"domain": "fednode/model-update/v1\x00"}),
+        ("round-plan", {"round": 0}),
+        ("round-plan", {"deadline_ms": 1_700_000_000_000}),
+        ("round-plan", {"federation": "fed/eu"}),
+        ("round-plan", {"session": ""}),
+        ("round-plan", {"holders": ["0OIl"]}),
+        ("round-plan", {"assignments": [_assignment(P2, P2), _assignment(P1, P1)]}),
+        ("round-plan", {"assignments": [_assignment(P1, P1), _assignment(P2, P1)]}),
+        ("round-plan", {"assignments": [_assignment(P1, P3, P1)]}),
+        ("round-plan", {"config": _config(lr=0.0)}),
+        ("round-plan", {"config": _config(rounds=0)}),
+        ("round-plan", {"config": _config(round_deadline_ms=0)}),
+        ("round-plan", {"config": _config(server_momentum=1.0)}),
+        ("round-plan", {"config": _config(alpha=float("inf"))}),
+        ("round-plan", {"config": _config(task="two words")}),
+        ("round-plan", {"config": _config(server_optimizer="sgd")}),
+        ("round-result", {"num_examples": 41}),
+        ("round-result", {"partials": [], "num_examples": 0, "included": []}),
+        ("round-result", {"included": [_contribution(K3, 30), _contribution(K1, 10)]}),
+        ("round-result", {"round": 0}),
+        ("session-ended", {"reason": ""}),
+        ("session-ended", {"outcome": "completed"}),
+        ("session-ended", {"reason": "x" * 1025}),
     ],
     ids=repr,
 )

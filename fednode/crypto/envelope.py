@@ -26,6 +26,9 @@ AUTHOR_FIELDS = {
     "partial-aggregate": "combiner",
     "global-model": "reducer",
     "heartbeat": "peer",
+    "round-plan": "reducer",
+    "round-result": "reducer",
+    "session-ended": "reducer",
 }
 
 

@@ -16,6 +16,13 @@ from fednode.wire.messages import (
     PartialRef,
     TensorInfo,
 )
+from fednode.wire.rounds import (
+    Assignment,
+    RoundPlan,
+    RoundResult,
+    SessionConfig,
+    SessionEnded,
+)
 from fednode.wire.scan import BLOB_LIMITS, CONTROL_LIMITS, Limits, check_frame
 from fednode.wire.schema import (
     REGISTRY,
@@ -38,6 +45,7 @@ __all__ = [
     "BLOB_LIMITS",
     "CONTROL_LIMITS",
     "REGISTRY",
+    "Assignment",
     "BlobHeader",
     "Contribution",
     "Digest",
@@ -55,6 +63,10 @@ __all__ = [
     "PeerId",
     "PublicKey",
     "Role",
+    "RoundPlan",
+    "RoundResult",
+    "SessionConfig",
+    "SessionEnded",
     "SessionId",
     "Signature",
     "TensorInfo",
