@@ -68,7 +68,7 @@ from fednode.net.framing import receive_exactly
 from fednode.net.interface import Stream
 from fednode.net.libp2p_host import Libp2pHost, open_libp2p_host
 from fednode.net.libp2p_workarounds import FASTPATH_ENV, close_network, quiet_libp2p_logging
-from fednode.wire import Digest, PeerId
+from fednode.wire import Digest
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 SINK = "/fednode/bench/sink/1.0.0"
@@ -301,14 +301,14 @@ async def two_processes(size: int, repeat: int, workdir: Path, only: set[str]) -
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
     )
     assert proc.stdin is not None and proc.stdout is not None
-    lines = _LineReader(proc.stdout)
+    stdin, lines = proc.stdin, _LineReader(proc.stdout)
     try:
         with trio.fail_after(60):  # importing libp2p takes seconds on a loaded machine
             addrs = json.loads(await lines.next())
 
         async def fetch(holder_addr: str, key: Digest, size: int) -> float:
             order = {"holder": holder_addr, "digest": key.hex(), "size": size}
-            await proc.stdin.send_all(json.dumps(order).encode() + b"\n")  # type: ignore[union-attr]
+            await stdin.send_all(json.dumps(order).encode() + b"\n")
             seconds: float = json.loads(await lines.next())["seconds"]
             return seconds
 
@@ -316,7 +316,7 @@ async def two_processes(size: int, repeat: int, workdir: Path, only: set[str]) -
             return await measure(sender, addrs, fetch, repeat, only)
     finally:
         with trio.CancelScope(shield=True):
-            await proc.stdin.aclose()
+            await stdin.aclose()
             with trio.move_on_after(10):
                 await proc.wait()
             if proc.returncode is None:

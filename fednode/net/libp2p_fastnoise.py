@@ -4,132 +4,51 @@ After the stock XX handshake (``PatternXX``, unchanged: same keys, same identity
 session it returns is replaced by a :class:`FastNoiseSession` holding the same negotiated cipher
 states. What changes is only how messages meet the socket:
 
-- writing, many Noise transport messages are encrypted into one buffer and handed to the socket
-  in one ``send_all`` (stock: one socket write per message, two for each 64 KiB yamux frame);
-- reading, the socket is read in large pieces (``recv_into`` a reused 1 MiB buffer) and every
-  complete message in it is decrypted in one go (stock: one 2-byte read for the length, then
-  reads for the body, each through two locks and a trio checkpoint).
+- writing, a batch of Noise messages is encrypted into one buffer and handed to the socket in
+  one ``send_all`` (stock: one socket write per message, two for each 64 KiB yamux frame);
+- reading, the socket is read in large pieces (up to 1 MiB) and every message a read completes
+  is decrypted at once (stock: a 2-byte read for the length, then reads for the body, each
+  through two locks and a trio checkpoint).
 
-The wire format is untouched: each message is a 2-byte big-endian length and a ChaCha20-Poly1305
-ciphertext of at most 65535 bytes (65519 of plaintext), encrypted with the session's key and its
-next nonce, exactly as ``NoiseTransportReadWriter`` does, so any libp2p Noise peer reads it. A
-message that fails authentication ends the connection (:class:`NoiseDecryptError`); it is never
-skipped or passed on.
+The messages themselves are what :mod:`fednode.net.noise_messages` says, so any libp2p Noise
+peer reads them. A message that fails authentication ends the connection
+(:class:`~fednode.net.noise_messages.NoiseDecryptError`); it is never skipped or passed on. A
+write cancelled after its batch was sealed closes the socket (see :meth:`write_messages`).
 """
 
 from __future__ import annotations
 
-import logging
-import struct
+import os
 from collections import deque
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import trio
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from libp2p.io.exceptions import ConnectionClosedError, IOException
+from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.security.noise.patterns import PatternXX
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.security.secure_session import SecureSession
 
-logger = logging.getLogger("fednode.net.libp2p")
+from fednode.net.noise_messages import (
+    MAX_PLAINTEXT,
+    Message,
+    MessageOpener,
+    NoiseCipher,
+    sealed_size,
+)
 
-LENGTH_SIZE = 2
-TAG_SIZE = 16
-MAX_MESSAGE = 65535
-"""Largest Noise transport message (ciphertext and tag), as in the Noise and libp2p specs."""
-MAX_PLAINTEXT = MAX_MESSAGE - TAG_SIZE
-"""65519: the most plaintext one message carries (go-libp2p's ``MaxPlaintextLength``)."""
-RECEIVE_BUFFER = 1 << 20
+RECEIVE_SIZE = 1 << 20
 """Most bytes taken from the socket per read."""
 SEND_BUFFER = 2 << 20
 """Pooled send buffers hold batches up to this size (1 MiB of yamux frames and what queued up
 with them); a larger batch gets a buffer of its own."""
-_MAX_NONCE = 2**64 - 1
 
-Buffer = bytes | bytearray | memoryview
-
-
-class NoiseDecryptError(IOException):
-    """A Noise message failed authentication (tampered, truncated or out of order): the
-    connection is unusable from here on, since every later nonce is off by one."""
+_SOCKET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-def split_messages(buffer: Buffer, start: int, end: int) -> tuple[list[tuple[int, int]], int]:
-    """The complete length-prefixed Noise messages in ``buffer[start:end]``: a list of
-    ``(body_start, body_end)`` offsets, and the offset where the first incomplete one begins
-    (``end`` if none). Sans-IO; the caller owns the buffer.
-
-    Raises:
-        NoiseDecryptError: a length prefix announces a message too short to hold its tag.
-    """
-    messages: list[tuple[int, int]] = []
-    while end - start >= LENGTH_SIZE:
-        length = (buffer[start] << 8) | buffer[start + 1]
-        if length < TAG_SIZE:
-            raise NoiseDecryptError(f"a {length}-byte Noise message cannot hold its tag")
-        body = start + LENGTH_SIZE
-        if end - body < length:
-            break
-        messages.append((body, body + length))
-        start = body + length
-    return messages, start
-
-
-_NONCE = struct.Struct("<4xQ")  # Noise ChaChaPoly: 32 zero bits, then the counter, little-endian
-
-
-class _CipherDirection:
-    """One direction of the negotiated Noise session: its ``CipherState`` (key and nonce counter,
-    as the handshake left them), sealing and opening messages in nonce order.
-
-    The AEAD is called directly (the same ``cryptography`` ChaCha20-Poly1305 object the noise
-    library keyed), so that a batch costs one Python call per message; the counter lives in the
-    ``CipherState`` as before."""
-
-    def __init__(self, cipher_state: Any) -> None:
-        self._state = cipher_state
-        wrapper = cipher_state.cipher  # noise's ChaCha20Cipher, keyed by the handshake
-        aead = getattr(wrapper, "cipher", None)
-        if not isinstance(aead, ChaCha20Poly1305) or wrapper.format_nonce(1) != _NONCE.pack(1):
-            raise TypeError(f"unexpected Noise cipher {type(wrapper).__name__}")
-        self._aead = aead
-
-    def _take_nonces(self, count: int) -> int:
-        first: int = self._state.n
-        if first + count >= _MAX_NONCE:
-            raise NoiseDecryptError("the Noise nonce is exhausted")
-        self._state.n = first + count
-        return first
-
-    def seal_into(self, plaintext: Buffer, out: memoryview) -> None:
-        """Encrypt ``plaintext`` with the next nonce into ``out`` (``len(plaintext) + 16``)."""
-        self._aead.encrypt_into(_NONCE.pack(self._take_nonces(1)), plaintext, None, out)
-
-    def open_all(self, view: memoryview, spans: list[tuple[int, int]]) -> list[memoryview]:
-        """Decrypt the messages at ``spans`` of ``view``, in order. On a failure the counter
-        stays at the message that failed (the session is dead anyway)."""
-        decrypt = self._aead.decrypt
-        pack = _NONCE.pack
-        n: int = self._state.n
-        if n + len(spans) >= _MAX_NONCE:
-            raise NoiseDecryptError("the Noise nonce is exhausted")
-        opened: list[memoryview] = []
-        try:
-            for begin, end in spans:
-                opened.append(memoryview(decrypt(pack(n), view[begin:end], None)))
-                n += 1
-        except InvalidTag:
-            raise NoiseDecryptError("a Noise message failed authentication") from None
-        finally:
-            self._state.n = n
-        return opened
-
-
-class held:  # noqa: N801 - used like trio's own lowercase context managers
-    """``async with held(lock)``: take a trio lock without yielding when it is free (trio's
-    ``async with lock`` always passes through the scheduler, once per batch per layer here)."""
+class held:
+    """``async with held(lock)``: take a trio lock without a trip through the scheduler when it
+    is free (``async with lock`` always yields once; here that was once per batch per layer)."""
 
     __slots__ = ("_lock",)
 
@@ -148,7 +67,7 @@ class held:  # noqa: N801 - used like trio's own lowercase context managers
 
 class _BufferPool:
     """Send buffers shared by all sessions: a session holds one only while a batch is being
-    written, so idle connections cost nothing (one 1 MiB buffer each would add up)."""
+    written, so an idle connection costs none (a 2 MiB buffer per connection would add up)."""
 
     def __init__(self, size: int, keep: int) -> None:
         self.size = size
@@ -178,6 +97,13 @@ class FastNoiseSession(SecureSession):
     muxer), it offers :meth:`write_messages` (several Noise messages, one socket write) and
     :meth:`receive_messages` (every message one socket read completed), which the fast yamux
     uses. One task reads at a time; writers serialise on the session's lock.
+
+    Over TCP it does its own socket I/O: ``os.read``/``os.write`` on the socket's descriptor,
+    waiting with trio's ``wait_readable``/``wait_writable`` only when the socket is not ready
+    and yielding once per call as trio's own socket methods do (those wrap each call in several
+    layers; skipping them measured 5-8 % on a bulk transfer). Closing the socket (ours, or
+    :func:`~fednode.net.libp2p_workarounds.abort_connection`) wakes a waiting reader or writer
+    as before. Over anything else it uses the raw connection's ``read``/``write``.
     """
 
     def __init__(self, session: SecureSession) -> None:
@@ -187,96 +113,80 @@ class FastNoiseSession(SecureSession):
             remote_peer=session.remote_peer,
             remote_permanent_pubkey=session.remote_permanent_pubkey,
             is_initiator=session.is_initiator,
-            conn=session.conn,
+            conn=session.conn,  # the stock NoiseTransportReadWriter: the layer chain stays
         )
-        noise_rw: Any = session.conn  # NoiseTransportReadWriter: keeps the layer chain intact
+        noise_rw: Any = session.conn
         protocol = noise_rw.noise_state.noise_protocol
-        self._seal = _CipherDirection(protocol.cipher_state_encrypt)
-        self._open = _CipherDirection(protocol.cipher_state_decrypt)
+        self._seal = NoiseCipher(protocol.cipher_state_encrypt)
+        self._opener = MessageOpener(NoiseCipher(protocol.cipher_state_decrypt))
         self._raw: Any = noise_rw.read_writer.read_write_closer  # RawConnection
-        tcp = getattr(self._raw, "stream", None)  # TrioTCPStream
-        sock = getattr(tcp, "stream", None)
-        self._socket: trio.SocketStream | None = (
-            sock if isinstance(sock, trio.SocketStream) else None
-        )
+        sock = getattr(getattr(self._raw, "stream", None), "stream", None)  # TrioTCPStream's
+        self._socket = sock if isinstance(sock, trio.SocketStream) else None
         self._send_lock = trio.Lock()
-        self._plain = bytearray(MAX_PLAINTEXT)  # one message's plaintext, assembled from pieces
-        self._plain_view = memoryview(self._plain)
-        self._carry = bytearray()  # the start of a message the last read did not complete
-        self._last_carried = memoryview(b"")
         self._pending: deque[memoryview] = deque()  # decrypted, not yet read
         self._eof = False
+        self._broken = False
 
     # -- writing ---------------------------------------------------------------------------------
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data).cast("B")
-        await self.write_messages(
-            [(view[i : i + MAX_PLAINTEXT],) for i in range(0, len(view), MAX_PLAINTEXT)]
-            or [(b"",)]
-        )
+        pieces = [view[i : i + MAX_PLAINTEXT] for i in range(0, len(view), MAX_PLAINTEXT)]
+        await self.write_messages([(piece,) for piece in pieces] or [(b"",)])
 
-    async def write_messages(self, messages: Iterable[Sequence[Buffer]]) -> None:
-        """Send one Noise message per item (the concatenation of its pieces, at most
-        :data:`MAX_PLAINTEXT` bytes), all in one socket write, in order.
+    async def write_messages(self, messages: Sequence[Message]) -> None:
+        """Send one Noise message per item (its pieces joined, at most 65,519 bytes), all in one
+        socket write, in order.
 
-        A cancellation either lands before anything is encrypted, or, once the batch is sealed
-        (its nonces spent) and partly sent, closes the socket: a connection is never left with
-        half a message or a gap in its nonces for the peer to trip over later.
+        A cancellation lands before anything is sealed, or else, once the batch's nonces are
+        spent, the socket is closed: the connection is never left with half a message or a gap
+        in its nonces for the peer to trip over later.
+
+        Raises:
+            ConnectionClosedError: the connection is closed or broke.
+            ValueError: a message is too large (nothing was sent).
         """
-        batch = [pieces for pieces in messages]
-        sizes = [sum(len(piece) for piece in pieces) for pieces in batch]
-        total = sum(sizes) + len(sizes) * (LENGTH_SIZE + TAG_SIZE)
+        total = sealed_size(messages)
         async with held(self._send_lock):
             await trio.lowlevel.checkpoint_if_cancelled()  # the last point where nothing is lost
-            wire = _SEND_BUFFERS.take(total)
+            if self._broken:
+                raise ConnectionClosedError("the Noise session was aborted")
+            wire = _SEND_BUFFERS.take(total + MAX_PLAINTEXT)  # and room to join pieces
             try:
-                # Encrypting under the lock keeps nonce order and wire order the same.
-                self._seal_into(batch, sizes, wire)
-                await self._send(memoryview(wire)[:total])
-            except BaseException:
-                self._abort()
-                raise
+                # Sealing under the lock keeps nonce order and wire order the same.
+                self._seal.seal_batch(messages, wire)
+                try:
+                    await self._send(memoryview(wire)[:total])
+                except BaseException:
+                    self._abort()
+                    raise
             finally:
                 _SEND_BUFFERS.give(wire)
 
-    def _seal_into(self, batch: list[Sequence[Buffer]], sizes: list[int], wire: bytearray) -> None:
-        if max(sizes, default=0) > MAX_PLAINTEXT:
-            raise ValueError(f"{max(sizes)} bytes do not fit one Noise message")
-        out = memoryview(wire)
-        plain = self._plain
-        plain_view = self._plain_view
-        encrypt_into = self._seal._aead.encrypt_into
-        pack = _NONCE.pack
-        n = self._seal._take_nonces(len(batch))
-        position = 0
-        for pieces, size in zip(batch, sizes, strict=True):
-            sealed = size + TAG_SIZE
-            wire[position] = sealed >> 8
-            wire[position + 1] = sealed & 0xFF
-            position += LENGTH_SIZE
-            if len(pieces) == 1:
-                source: Buffer = pieces[0]
-            else:  # e.g. a yamux header and its payload: one copy into the plaintext buffer
-                filled = 0
-                for piece in pieces:
-                    plain[filled : filled + len(piece)] = piece
-                    filled += len(piece)
-                source = plain_view[:size]
-            encrypt_into(pack(n), source, None, out[position : position + sealed])
-            n += 1
-            position += sealed
-
     async def _send(self, wire: memoryview) -> None:
+        # The descriptor is looked up before each call: once the socket is closed it is -1,
+        # never a number the process may have reused for another file.
         try:
-            if self._socket is not None:
-                await self._socket.send_all(wire)
-            else:
+            if self._socket is None:
                 await self._raw.write(wire.tobytes())
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                return
+            sock = self._socket.socket
+            while wire:
+                fd = sock.fileno()
+                if fd < 0:
+                    raise trio.ClosedResourceError("the socket was closed")
+                try:
+                    sent = os.write(fd, wire)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(fd)
+                    continue
+                wire = wire[sent:]
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        except _SOCKET_ERRORS as exc:
             raise ConnectionClosedError(f"Noise session write failed: {exc!r}") from exc
 
     def _abort(self) -> None:
+        self._broken = True
         if self._socket is not None:
             self._socket.socket.close()
 
@@ -284,11 +194,11 @@ class FastNoiseSession(SecureSession):
 
     async def receive_messages(self) -> list[memoryview]:
         """The plaintext of every message available: what an earlier ``read`` left, else all
-        the messages completed by one socket read. ``[]`` at the end of the connection.
+        the messages one socket read completed. ``[]`` at the end of the connection.
 
         Raises:
             NoiseDecryptError: a message failed authentication; the connection must be closed.
-            ConnectionClosedError: the socket broke, or ended inside a message.
+            ConnectionClosedError: the socket broke, or the connection ended inside a message.
         """
         if self._pending:
             pending = list(self._pending)
@@ -298,69 +208,39 @@ class FastNoiseSession(SecureSession):
             data = await self._receive()
             if not data:
                 self._eof = True
-                if self._carry:
+                if self._opener.inside_message:
                     raise ConnectionClosedError("the connection ended inside a Noise message")
                 break
-            messages = self._open_received(data)
+            messages = self._opener.feed(data)
             if messages:
                 return messages
         return []
 
     async def _receive(self) -> bytes:
-        """One socket read: whatever is there, up to :data:`RECEIVE_BUFFER` bytes. (A fresh
-        buffer each time rather than one kept per connection: as fast, and an idle connection
-        holds no memory for it.)"""
+        """One socket read, up to :data:`RECEIVE_SIZE` bytes: a fresh buffer each time rather
+        than one kept per connection (as fast here, and an idle connection holds none)."""
         try:
-            if self._socket is not None:
-                data: bytes = await self._socket.socket.recv(RECEIVE_BUFFER)
-            else:
-                data = await self._raw.read(RECEIVE_BUFFER)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if self._socket is None:
+                data: bytes = await self._raw.read(RECEIVE_SIZE)
+                return data
+            sock = self._socket.socket
+            while True:
+                fd = sock.fileno()
+                if fd < 0:
+                    raise trio.ClosedResourceError("the socket was closed")
+                try:
+                    data = os.read(fd, RECEIVE_SIZE)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(fd)
+                    continue
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+        except _SOCKET_ERRORS as exc:
             raise ConnectionClosedError(f"Noise session read failed: {exc!r}") from exc
-        return data
-
-    def _open_received(self, data: bytes) -> list[memoryview]:
-        """Decrypt every message ``data`` completes (with the carried start of one), and carry
-        the start of the next."""
-        view = memoryview(data)
-        opened: list[memoryview] = []
-        position = 0
-        if self._carry:
-            position = self._complete_carried(view)
-            if self._carry:  # still incomplete
-                return opened
-            opened.append(self._last_carried)
-        spans, end = split_messages(view, position, len(view))
-        opened += self._open.open_all(view, spans)
-        if end < len(view):
-            self._carry += view[end:]
-        return opened
-
-    def _complete_carried(self, view: memoryview) -> int:
-        """Add to the carried message what ``view`` has of it; if that completes it, decrypt it
-        into ``_last_carried`` and empty the carry. Returns how much of ``view`` was used."""
-        carry = self._carry
-        used = 0
-        if len(carry) < LENGTH_SIZE:
-            used = min(LENGTH_SIZE - len(carry), len(view))
-            carry += view[:used]
-            if len(carry) < LENGTH_SIZE:
-                return used
-        length = (carry[0] << 8) | carry[1]
-        if length < TAG_SIZE:
-            raise NoiseDecryptError(f"a {length}-byte Noise message cannot hold its tag")
-        take = min(LENGTH_SIZE + length - len(carry), len(view) - used)
-        carry += view[used : used + take]
-        used += take
-        if len(carry) == LENGTH_SIZE + length:
-            with memoryview(carry) as whole:
-                (self._last_carried,) = self._open.open_all(whole, [(LENGTH_SIZE, len(carry))])
-            carry.clear()
-        return used
 
     async def read(self, n: int | None = None) -> bytes:
         """Stock semantics: ``n`` bytes (fewer only at the end of the connection); with ``n``
-        None, one message's worth."""
+        None, what one message holds."""
         if n == 0:
             return b""
         result = bytearray()
@@ -388,13 +268,14 @@ class FastNoiseSession(SecureSession):
 
 
 class FastPatternXX(PatternXX):
-    """The stock XX handshake, whose resulting session is wrapped in a :class:`FastNoiseSession`."""
+    """The stock XX handshake; the session it establishes becomes a :class:`FastNoiseSession`."""
 
     async def handshake_inbound(self, conn: Any) -> Any:
-        return FastNoiseSession(await super().handshake_inbound(conn))
+        return FastNoiseSession(cast(SecureSession, await super().handshake_inbound(conn)))
 
     async def handshake_outbound(self, conn: Any, remote_peer: Any) -> Any:
-        return FastNoiseSession(await super().handshake_outbound(conn, remote_peer))
+        session = await super().handshake_outbound(conn, remote_peer)
+        return FastNoiseSession(cast(SecureSession, session))
 
 
 class FastNoiseTransport(NoiseTransport):

@@ -6,29 +6,32 @@ methods left in place (close, reset, accept, the RTT pings, cleanup) work unchan
 
 - the reader: every Noise message one socket read delivered is decoded in one pass
   (:class:`~fednode.net.yamux_frames.FrameDecoder`); DATA bodies go to the stream's buffer as
-  slices of the decrypted message, not copied, frames may span messages either way. It never
-  waits to write: its replies (SYN's ACK, ping's ACK, RST) go to an outbox that the next writer,
-  or a small control task, sends. Two peers both blocked writing therefore never also stop
-  reading, as a stock reader blocked on a ping reply could;
+  slices of the decrypted messages, uncopied, and frames may span messages either way. It never
+  waits to write: its replies (SYN's ACK, ping's ACK, RST, window updates) go to an outbox that
+  the next writer, or a small control task, sends. So two peers both blocked writing to each
+  other never also stop reading, as a stock reader blocked on a ping reply can. (It does wait
+  when ten inbound streams are already waiting to be accepted, as stock does.)
 - writing: one ``write`` of up to the send window becomes all its DATA frames in one Noise batch
   (one socket write), each frame sized so header and payload fill exactly one Noise message
-  (65,507 payload bytes: no 17-byte tail message, no copy to split it);
-- flow control: each stream offers a 16 MiB receive window (go-yamux's maximum), granted with
-  the SYN or the ACK, and reads return credit only once half of it is consumed; a writer waiting
-  for credit is woken by the update, not by polling;
-- reading: a stream's buffer is a list of those slices; a read joins what it takes in one copy.
+  (65,507 payload bytes: no 17-byte tail message);
+- flow control: a stream's receive window starts at 1 MiB (granted with its SYN or ACK) and
+  doubles, up to 16 MiB (go-yamux's maximum), each time credit goes back, which is once the
+  reader has consumed half the window or 2 MiB: one WINDOW_UPDATE per 2 MiB instead of one per
+  read, and only a stream that is being read gets to buffer much. A writer out of credit is
+  woken by the update, not by a 10 ms poll;
+- reading: a stream's buffer is a list of those slices; a read copies what it takes once, into
+  a new ``bytes`` or (``read_into``) straight into the caller's buffer.
 
-On the wire these are standard yamux frames, with the window grown by the spec's own
-WINDOW_UPDATE deltas (stock py-libp2p, go- and rust-yamux read them). A peer that overruns the
-window it was granted, or sends an unknown frame type, has its connection closed (GO_AWAY with
-a protocol error), as go-yamux does.
+On the wire these are standard yamux frames, windows grown by the spec's own WINDOW_UPDATE
+deltas (stock py-libp2p, go- and rust-yamux read them). A peer that overruns the window it was
+granted, or sends an unknown frame type or version, loses the connection (GO_AWAY with a
+protocol error, as go-yamux does); stock clamps and buffers whatever arrives.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -36,7 +39,8 @@ from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamError, Mux
 from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
-from fednode.net.libp2p_fastnoise import MAX_PLAINTEXT, Buffer, NoiseDecryptError, held
+from fednode.net.libp2p_fastnoise import FastNoiseSession, held
+from fednode.net.noise_messages import MAX_PLAINTEXT, Buffer, Message, NoiseDecryptError
 from fednode.net.yamux_frames import (
     FLAG_ACK,
     FLAG_FIN,
@@ -61,14 +65,18 @@ from fednode.net.yamux_frames import (
 logger = logging.getLogger("fednode.net.libp2p")
 
 RECEIVE_WINDOW = 16 * 1024 * 1024
-"""Receive window offered per stream (go-yamux's maximum)."""
+"""Largest receive window a stream grows to (go-yamux's maximum)."""
+FIRST_WINDOW = 1024 * 1024
+"""Receive window a stream starts with (granted with its SYN or ACK); it doubles with each
+update the reader's progress triggers, so only a stream that is being read grows."""
+CREDIT_STEP = 2 * 1024 * 1024
+"""Credit goes back once half the window, or this much, has been read: a sender keeps at least
+14 MiB of credit at the largest window (go-yamux's half-window rule leaves it 8 MiB)."""
 MAX_DATA_PAYLOAD = MAX_PLAINTEXT - HEADER_SIZE
 """65,507: a DATA frame this size and its header fill one Noise message exactly."""
 WINDOW_WAIT = 5.0
 """How long ``write`` waits for credit before failing, as stock (fednode waits on its own)."""
 _GO_AWAY_GRACE = 1.0
-
-Message = Sequence[Buffer]  # the pieces of one Noise message's plaintext
 
 
 class ChunkBuffer:
@@ -94,6 +102,23 @@ class ChunkBuffer:
     def clear(self) -> None:
         self._chunks.clear()
         self._size = 0
+
+    def take_into(self, out: memoryview) -> int:
+        """Move up to ``len(out)`` bytes from the front into ``out``; returns how many."""
+        count = min(len(out), self._size)
+        chunks = self._chunks
+        filled = 0
+        while filled < count:
+            chunk = chunks[0]
+            part = min(len(chunk), count - filled)
+            out[filled : filled + part] = chunk[:part]
+            if part == len(chunk):
+                chunks.popleft()
+            else:
+                chunks[0] = chunk[part:]
+            filled += part
+        self._size -= count
+        return count
 
     def take(self, n: int) -> bytes:
         """Up to ``n`` bytes from the front (all of them if ``n`` is negative)."""
@@ -128,7 +153,8 @@ class FastYamuxStream(YamuxStream):
     def __init__(self, stream_id: int, conn: FastYamux, is_initiator: bool) -> None:
         super().__init__(stream_id, conn, is_initiator)
         self.conn: FastYamux = conn
-        self.recv_window = RECEIVE_WINDOW  # the grant goes out with our SYN or ACK
+        self.recv_window = FIRST_WINDOW  # the grant goes out with our SYN or ACK
+        self._window = FIRST_WINDOW  # what the peer may have in flight once credit is back
         self._unreturned = 0  # bytes read whose credit the peer has not had back yet
 
     # -- sending -----------------------------------------------------------------------------
@@ -167,31 +193,55 @@ class FastYamuxStream(YamuxStream):
             n = -1
         if n == 0:
             return b""
+        buffer = await self._readable()
+        data = buffer.take(n)
+        self._consumed(buffer, len(data))
+        return data
+
+    async def read_into(self, out: memoryview) -> int:
+        """Like ``read(len(out))``, copying straight into ``out``; returns the count (> 0)."""
+        if not out:
+            return 0
+        buffer = await self._readable()
+        count = buffer.take_into(out)
+        self._consumed(buffer, count)
+        return count
+
+    async def _readable(self) -> ChunkBuffer:
+        """The stream's buffer once it holds data; raises at its end, with stock's outcomes
+        (``YamuxStream.read`` then ``Yamux.read_stream``: a reader already waiting when the
+        connection dies sees an end of stream, a later one a reset; fednode tells the two
+        apart by ``reset_received``, see (g))."""
         conn = self.conn
         sid = self.stream_id
+        if self.recv_closed and not conn.stream_buffers.get(sid):
+            if self.reset_received:
+                raise MuxedStreamReset("Stream was reset")
+            raise MuxedStreamEOF("Stream is closed for receiving")
         while True:
             buffer = conn.stream_buffers.get(sid)
-            if buffer is None or sid not in conn.streams:
+            if sid not in conn.streams or conn.event_shutting_down.is_set():
+                raise MuxedStreamEOF("Stream closed")
+            if buffer is None:
                 if self.reset_received:
                     raise MuxedStreamReset("Stream was reset")
-                raise MuxedStreamEOF("Stream closed")
+                raise MuxedStreamEOF("Stream buffer closed")
             if buffer and (self.recv_closed or not self.reset_received):
-                data: bytes = buffer.take(n)
-                self._return_credit(len(data))
-                if self.closed and not buffer:
-                    conn._finalize_stream_locked(self, fully_closed=True)
-                return data
+                return buffer
             if self.reset_received:
                 raise MuxedStreamReset("Stream was reset")
             if self.recv_closed:
                 raise MuxedStreamEOF("Stream is closed for receiving")
             if self.closed:
                 raise MuxedStreamReset("Stream is reset or closed")
-            if conn.event_shutting_down.is_set():
-                raise MuxedStreamEOF("Connection shut down")
             arrived = trio.Event()
             conn.stream_events[sid] = arrived
             await arrived.wait()
+
+    def _consumed(self, buffer: ChunkBuffer, count: int) -> None:
+        self._return_credit(count)
+        if self.closed and not buffer:
+            self.conn._finalize_stream_locked(self, fully_closed=True)
 
     async def close(self) -> None:
         try:
@@ -206,11 +256,16 @@ class FastYamuxStream(YamuxStream):
             self.conn._wake_writers()
 
     def _return_credit(self, count: int) -> None:
-        """Give the peer its credit back once half the window has been read (go-yamux's rule),
-        so a bulk transfer costs one WINDOW_UPDATE per 8 MiB instead of one per read."""
+        """Give the peer its credit back once half the window or :data:`CREDIT_STEP` has been
+        read (a bulk transfer costs one WINDOW_UPDATE per 2 MiB instead of one per read), and
+        double the window each time, up to :data:`RECEIVE_WINDOW`: only a reader that keeps
+        up gets the room to buffer 16 MiB."""
         self._unreturned += count
-        if self._unreturned >= RECEIVE_WINDOW // 2 and not self.recv_closed:
+        if self._unreturned >= min(self._window // 2, CREDIT_STEP) and not self.recv_closed:
             increment, self._unreturned = self._unreturned, 0
+            if self._window < RECEIVE_WINDOW:
+                increment += self._window
+                self._window *= 2
             self.recv_window += increment
             self.conn.queue_control(encode_header(TYPE_WINDOW_UPDATE, 0, self.stream_id, increment))
 
@@ -218,8 +273,9 @@ class FastYamuxStream(YamuxStream):
 class FastYamux(Yamux):
     """A yamux connection whose reader decodes whole socket reads and never waits to write."""
 
-    def __init__(self, secured_conn: Any, peer_id: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(secured_conn, peer_id, *args, **kwargs)
+    def __init__(self, secured_conn: FastNoiseSession, peer_id: Any, **kwargs: Any) -> None:
+        super().__init__(secured_conn, peer_id, **kwargs)
+        self.secured_conn: FastNoiseSession = secured_conn
         self.stream_buffers: dict[int, ChunkBuffer] = {}  # type: ignore[assignment]
         self._outbox: list[bytes] = []
         self._outbox_ready = trio.Event()
@@ -260,12 +316,7 @@ class FastYamux(Yamux):
             batch = self._take_outbox() + messages if self._outbox else messages
             if not batch:
                 return
-            write_messages = getattr(self.secured_conn, "write_messages", None)
-            if write_messages is not None:
-                await write_messages(batch)
-            else:  # another security transport: one write per message
-                for pieces in batch:
-                    await self.secured_conn.write(b"".join(pieces))
+            await self.secured_conn.write_messages(batch)
 
     async def send_data(self, stream_id: int, data: memoryview) -> None:
         """``data`` (within the send window) as DATA frames, in one batch."""
@@ -302,7 +353,7 @@ class FastYamux(Yamux):
             stream = FastYamuxStream(stream_id, self, True)
             stream._owns_backlog_slot = True
             self._register(stream)
-        grant = RECEIVE_WINDOW - INITIAL_WINDOW
+        grant = FIRST_WINDOW - INITIAL_WINDOW
         try:
             await self._write_frame(encode_header(TYPE_WINDOW_UPDATE, FLAG_SYN, stream_id, grant))
         except Exception as exc:
@@ -322,23 +373,33 @@ class FastYamux(Yamux):
     # -- reading -----------------------------------------------------------------------------
 
     async def handle_incoming(self) -> None:
-        receive = getattr(self.secured_conn, "receive_messages", None)
-        if receive is None:  # not our Noise session: the stock reader
-            await super().handle_incoming()
-            return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._control_writer)
             try:
-                await self._read_loop(receive)
+                await self._read_loop()
             finally:
                 nursery.cancel_scope.cancel()
-        self.event_shutting_down.set()
+        self._connection_lost()
         await self._cleanup_on_error()
 
-    async def _read_loop(self, receive: Any) -> None:
+    def _connection_lost(self) -> None:
+        """Mark every stream reset at once, before anything else runs: stock marks them only
+        once its cleanup gets the streams lock, and a reader scheduled in between saw a
+        shutting-down connection without the reset mark, a clean end of stream (see (g))."""
+        self.event_shutting_down.set()
+        for stream in self.streams.values():
+            stream.closed = stream.send_closed = stream.recv_closed = True
+            stream.reset_received = True
+            event = self.stream_events.get(stream.stream_id)
+            if event is not None:
+                event.set()
+        self._wake_writers()
+
+    async def _read_loop(self) -> None:
+        receive = self.secured_conn.receive_messages
         while not self.event_shutting_down.is_set():
             try:
-                messages: list[memoryview] = await receive()
+                messages = await receive()
             except NoiseDecryptError as exc:
                 logger.warning("closing the connection to %s: %s", self.peer_id, exc)
                 return
@@ -407,7 +468,7 @@ class FastYamux(Yamux):
             self._on_ping(header)
         else:  # TYPE_GO_AWAY
             logger.debug("GO_AWAY from %s (code %d)", self.peer_id, header.length)
-            self.event_shutting_down.set()
+            self._connection_lost()
         return None
 
     def _on_stream_frame(self, header: FrameHeader) -> FastYamuxStream | None:
@@ -420,7 +481,7 @@ class FastYamux(Yamux):
             accepted = FastYamuxStream(sid, self, False)
             self._register(accepted)
             if not header.flags & FLAG_RST:
-                grant = RECEIVE_WINDOW - INITIAL_WINDOW
+                grant = FIRST_WINDOW - INITIAL_WINDOW
                 self.queue_control(encode_header(TYPE_WINDOW_UPDATE, FLAG_ACK, sid, grant))
         stream = self.streams.get(sid)
         if not isinstance(stream, FastYamuxStream):
@@ -489,4 +550,6 @@ class FastMuxerMultistream(MuxerMultistream):
         protocol, transport_class = await self._selector.select(
             conn, conn.is_initiator, self.negotiate_timeout
         )
+        if transport_class is FastYamux and not isinstance(conn, FastNoiseSession):
+            transport_class = Yamux  # batching needs the fast session underneath
         return self._annotate_connection(transport_class(conn, peer_id), conn, protocol)

@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.stream_muxer.exceptions import MuxedStreamError
 
 from fednode.errors import TransportError
 from fednode.wire import PeerId
@@ -144,6 +145,25 @@ class Libp2pStream:
         except Exception as exc:
             raise TransportError(f"{self!r}: receive failed: {exc!r}") from exc
         return data
+
+    async def receive_into(self, buffer: bytearray | memoryview) -> int:
+        """Straight into ``buffer`` where the muxer can (the fast path's yamux): one copy from
+        the decrypted messages, none through an intermediate ``bytes``."""
+        view = memoryview(buffer).cast("B")
+        if not view:
+            raise ValueError("buffer must hold at least 1 byte")
+        read_into = getattr(self._net.muxed_stream, "read_into", None)
+        if read_into is not None:
+            try:
+                count: int = await read_into(view)
+                return count
+            except MuxedStreamError:
+                pass  # the end of the stream, or a reset: let receive_some tell which
+            except Exception as exc:
+                raise TransportError(f"{self!r}: receive failed: {exc!r}") from exc
+        data = await self.receive_some(len(view))
+        view[: len(data)] = data
+        return len(data)
 
     async def send_eof(self) -> None:
         async with self._send_lock:
