@@ -28,6 +28,7 @@ import trio
 from libp2p.io.trio import TrioTCPStream
 
 from fednode.crypto import NodeKey, seal_bytes
+from fednode.net.libp2p_fastnoise import FastNoiseSession
 from fednode.net.libp2p_host import open_libp2p_host
 from fednode.node.config import NodeConfig
 from fednode.node.runtime import Node, open_node
@@ -37,6 +38,8 @@ SENT = {"bytes": 0}
 
 
 def _count_writes() -> None:
+    """Count every byte written to a TCP socket: libp2p's own stream wrapper (handshakes) and
+    fednode's fast Noise session, which writes to the socket descriptor itself."""
     original = TrioTCPStream.write
 
     async def write(self: TrioTCPStream, data: bytes) -> None:
@@ -44,6 +47,14 @@ def _count_writes() -> None:
         await original(self, data)
 
     TrioTCPStream.write = write  # type: ignore[method-assign]
+    original_send = FastNoiseSession._send
+
+    async def send(self: FastNoiseSession, wire: memoryview) -> None:
+        if self._socket is not None:  # otherwise it goes through TrioTCPStream.write
+            SENT["bytes"] += len(wire)
+        await original_send(self, wire)
+
+    FastNoiseSession._send = send  # type: ignore[method-assign]
 
 
 def _converged(nodes: list[Node]) -> bool:
