@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 
 from fednode import __version__
+from fednode.cli import demo, inspect, keygen, peers, start
 from fednode.cli import id as id_command
-from fednode.cli import inspect, keygen, peers, start
 from fednode.cli.command import Command
 from fednode.cli.text import printable
 from fednode.errors import EXIT_CODES, FednodeError, exit_code_for
@@ -26,7 +26,7 @@ EXIT_OS_ERROR = 1  # a file we were told to read or write is missing or unreadab
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 #: The subcommands, in the order ``fednode --help`` lists them. Add new ones here.
-COMMANDS: tuple[Command, ...] = (start, peers, keygen, id_command, inspect)
+COMMANDS: tuple[Command, ...] = (start, demo, peers, keygen, id_command, inspect)
 
 
 def build_parser() -> argparse.ArgumentParser:

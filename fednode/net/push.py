@@ -1,18 +1,26 @@
-"""Net layer: ``/fednode/push/1.0.0``, a client pushing its signed update to a combiner.
+"""Net layer: pushing a signed message and its blob to a peer that asked for it.
+
+Two protocols share one stream layout and one implementation (:class:`PushKind`):
+
+- ``/fednode/push/1.0.0``: a client pushes its signed ``ModelUpdate`` (and the trained model's
+  blob) to its combiner;
+- ``/fednode/partial/1.0.0``: a combiner pushes its signed ``PartialAggregate`` (and the blob of
+  its weighted mean) to the reducer.
 
 Stream layout (u32 = 4-byte big-endian length prefix of a frame)::
 
     sender -> receiver:  u32 | PushOffer{envelope, chunk_size, chunks}
     receiver -> sender:  u32 | PushReply{status: accept | have | refuse, reason}
-    sender -> receiver:  (accept only) the update blob's ``size`` bytes, raw
+    sender -> receiver:  (accept only) the blob's ``size`` bytes, raw
     receiver -> sender:  (accept, have) u32 | PushAck{status: stored | rejected, reason}
 
-The receiver verifies the envelope and asks ``admit`` before a single blob byte flows, so a
-refused push costs one round trip. It checks each chunk against the offer's list as it lands
-(dropping the transfer at the first bad chunk) and the whole blob against the signed
-``ModelUpdate.update`` digest and ``size`` before storing it (pinned) and calling ``on_stored``.
-Only then does it ack ``stored``: an end of stream without an ack is a failed push (a killed
-receiver ends streams like a clean EOF on py-libp2p), and the sender keeps its update to retry.
+The receiver verifies the envelope (it must seal the protocol's message type, signed by its
+author) and asks ``admit`` before a single blob byte flows, so a refused push costs one round
+trip. It checks each chunk against the offer's list as it lands (dropping the transfer at the
+first bad chunk) and the whole blob against the signed digest and ``size`` (``ModelUpdate.update``,
+``PartialAggregate.partial``) before storing it (pinned) and calling ``on_stored``. Only then does
+it ack ``stored``: an end of stream without an ack is a failed push (a killed receiver ends
+streams like a clean EOF on py-libp2p), and the sender keeps its message to retry.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import trio
 
@@ -46,7 +54,7 @@ from fednode.net.blob import (
 from fednode.net.blobstore import BlobStore
 from fednode.net.framing import abort, receive_frame, send_frame
 from fednode.net.interface import Host, Stream
-from fednode.wire import Digest, Envelope, ModelUpdate, PeerId, decode, encode
+from fednode.wire import Digest, Envelope, ModelUpdate, PartialAggregate, PeerId, decode, encode
 from fednode.wire.transfer import (
     DEFAULT_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
@@ -58,19 +66,44 @@ from fednode.wire.transfer import (
 )
 
 PUSH_PROTOCOL = "/fednode/push/1.0.0"
-#: Largest signed update envelope accepted in an offer.
-MAX_ENVELOPE = 64 << 10
+PARTIAL_PROTOCOL = "/fednode/partial/1.0.0"
+#: Largest signed envelope accepted in an offer (a partial lists its contributions: at the
+#: 4096-client cap of a plan, about 0.4 MB).
+MAX_ENVELOPE = 1 << 20
 _SMALL_FRAME = 8192
 _MAX_REASON = 512
 
-Admit = Callable[[ModelUpdate, Envelope], "str | None"]
-"""``admit(update, envelope)``: ``None`` to accept, else the reason to refuse (wrong round, not
+M = TypeVar("M", ModelUpdate, PartialAggregate)
+
+
+@dataclass(frozen=True, slots=True)
+class PushKind(Generic[M]):
+    """What one push protocol carries: its ID and the signed message type whose blob follows."""
+
+    protocol: str
+    message: type[M]
+    noun: str  #: what the messages say it is
+
+    def blob(self, msg: M) -> tuple[Digest, int]:
+        """The blob ``msg`` names: (digest, size)."""
+        if isinstance(msg, ModelUpdate):
+            return msg.update, msg.size
+        return msg.partial, msg.size
+
+
+#: A client's update to its combiner.
+UPDATES = PushKind(PUSH_PROTOCOL, ModelUpdate, "update")
+#: A combiner's partial aggregate to the reducer.
+PARTIALS = PushKind(PARTIAL_PROTOCOL, PartialAggregate, "partial")
+
+Admit = Callable[[M, Envelope], "str | None"]
+"""``admit(message, envelope)``: ``None`` to accept, else the reason to refuse (wrong round, not
 assigned here, over capacity, duplicate). Called once the envelope verified, before any bytes."""
-OnStored = Callable[[ModelUpdate, Envelope], Awaitable["str | None"]]
-"""``on_stored(update, envelope)``: the blob is stored and pinned; ``None`` acks ``stored``,
+OnStored = Callable[[M, Envelope], Awaitable["str | None"]]
+"""``on_stored(message, envelope)``: the blob is stored and pinned; ``None`` acks ``stored``,
 a reason acks ``rejected`` (and unpins)."""
-OnAbandoned = Callable[[ModelUpdate, str], None]
-"""``on_abandoned(update, reason)``: an admitted push did not end stored (to release whatever
+OnAbandoned = Callable[[M, str], None]
+"""``on_abandoned(message, reason)``: an admitted push did not end stored (to release whatever
 ``admit`` reserved)."""
 
 log = logging.getLogger(__name__)
@@ -105,11 +138,69 @@ async def push_update(
     stall_timeout: float = 30.0,
     ack_timeout: float = 30.0,
 ) -> PushResult:
-    """Push the signed update ``envelope`` and its blob (from ``source``) to ``peer``.
+    """Push the signed update ``envelope`` and its blob (from ``source``) to ``peer``
+    (``/fednode/push/1.0.0``; see :func:`push_signed`)."""
+    return await push_signed(
+        UPDATES,
+        host,
+        peer,
+        envelope,
+        source,
+        chunk_size=chunk_size,
+        progress=progress,
+        timeout=timeout,
+        stall_timeout=stall_timeout,
+        ack_timeout=ack_timeout,
+    )
+
+
+async def push_partial(
+    host: Host,
+    peer: PeerId,
+    envelope: bytes,
+    source: BlobStore | bytes,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: Progress | None = None,
+    timeout: float = 10.0,
+    stall_timeout: float = 30.0,
+    ack_timeout: float = 30.0,
+) -> PushResult:
+    """Push the signed partial aggregate ``envelope`` and its blob (from ``source``) to the
+    reducer ``peer`` (``/fednode/partial/1.0.0``; see :func:`push_signed`)."""
+    return await push_signed(
+        PARTIALS,
+        host,
+        peer,
+        envelope,
+        source,
+        chunk_size=chunk_size,
+        progress=progress,
+        timeout=timeout,
+        stall_timeout=stall_timeout,
+        ack_timeout=ack_timeout,
+    )
+
+
+async def push_signed(
+    kind: PushKind[M],
+    host: Host,
+    peer: PeerId,
+    envelope: bytes,
+    source: BlobStore | bytes,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: Progress | None = None,
+    timeout: float = 10.0,
+    stall_timeout: float = 30.0,
+    ack_timeout: float = 30.0,
+) -> PushResult:
+    """Push the signed message ``envelope`` (of ``kind``) and its blob (from ``source``) to
+    ``peer``.
 
     Args:
-        envelope: the canonical encoding of the envelope sealing a :class:`ModelUpdate`.
-        source: a store holding the update blob, or its bytes (sent without copying).
+        envelope: the canonical encoding of the envelope sealing a ``kind.message``.
+        source: a store holding the blob, or its bytes (sent without copying).
         progress: ``progress(bytes_sent, total)`` after each write.
         timeout: seconds to open the stream, send the offer and get the reply.
         stall_timeout: seconds one 1 MiB write may wait for the receiver to take it.
@@ -124,18 +215,20 @@ async def push_update(
         WireError: the receiver answered with a malformed frame.
         LocalProtocolError: ``source`` does not hold the blob the envelope names.
     """
-    update, _ = open_envelope(envelope, ModelUpdate)
-    chunks = await run_io(update.size, _local_chunks, source, update, chunk_size)
+    msg, _ = open_envelope(envelope, kind.message)
+    key, size = kind.blob(msg)
+    chunks = await run_io(size, _local_chunks, source, key, size, chunk_size)
     offer = PushOffer(envelope=envelope, chunk_size=chunk_size, chunks=chunks)
     try:
         with trio.fail_after(timeout):
-            stream = await host.open_stream(peer, PUSH_PROTOCOL)
+            stream = await host.open_stream(peer, kind.protocol)
     except trio.TooSlowError:
         raise TransferError(f"no stream to {peer} within {timeout:g} s") from None
     try:
         result = await _push(
-            stream, offer, update, source, progress, timeout, stall_timeout, ack_timeout
-        )
+            stream, offer, kind.noun, key, size, source, progress, timeout, stall_timeout,
+            ack_timeout,
+        )  # fmt: skip
     except BaseException:
         await abort(stream)
         raise
@@ -144,20 +237,18 @@ async def push_update(
 
 
 def _local_chunks(
-    source: BlobStore | bytes, update: ModelUpdate, chunk_size: int
+    source: BlobStore | bytes, key: Digest, size: int, chunk_size: int
 ) -> tuple[Digest, ...]:
     if isinstance(source, BlobStore):
         try:
-            size = source.size(update.update)
+            held = source.size(key)
         except KeyError:
-            raise LocalProtocolError(
-                f"update blob {update.update.hex()[:16]} is not in the store"
-            ) from None
-        if size != update.size:
-            raise LocalProtocolError(f"update blob is {size} bytes, the update says {update.size}")
-        return source.chunk_digests(update.update, chunk_size)
-    if len(source) != update.size or digest(source) != update.update:
-        raise LocalProtocolError("the bytes to push are not the blob the update names")
+            raise LocalProtocolError(f"blob {key.hex()[:16]} is not in the store") from None
+        if held != size:
+            raise LocalProtocolError(f"blob is {held} bytes, the signed message says {size}")
+        return source.chunk_digests(key, chunk_size)
+    if len(source) != size or digest(source) != key:
+        raise LocalProtocolError("the bytes to push are not the blob the message names")
     view = memoryview(source)
     return tuple(digest(view[i : i + chunk_size]) for i in range(0, len(source), chunk_size))
 
@@ -165,7 +256,9 @@ def _local_chunks(
 async def _push(
     stream: Stream,
     offer: PushOffer,
-    update: ModelUpdate,
+    noun: str,
+    key: Digest,
+    size: int,
     source: BlobStore | bytes,
     progress: Progress | None,
     timeout: float,
@@ -186,27 +279,23 @@ async def _push(
             nonlocal sent
             sent += n
             if progress is not None:
-                progress(sent, update.size)
+                progress(sent, size)
 
         if isinstance(source, BlobStore):
-            with source.open_reader(update.update, 0) as reader:
+            with source.open_reader(key, 0) as reader:
                 await send_blob_bytes(
-                    stream, reader, update.size, stall_timeout=stall_timeout, on_sent=on_sent
+                    stream, reader, size, stall_timeout=stall_timeout, on_sent=on_sent
                 )
         else:
             await send_blob_bytes(
-                stream,
-                memoryview(source),
-                update.size,
-                stall_timeout=stall_timeout,
-                on_sent=on_sent,
+                stream, memoryview(source), size, stall_timeout=stall_timeout, on_sent=on_sent
             )
     try:
         ack = decode(bytes(await receive_frame(stream, _SMALL_FRAME, ack_timeout)), PushAck)
     except TransferError as exc:
-        raise TransferError(f"no ack for the pushed update: {exc}") from exc
+        raise TransferError(f"no ack for the pushed {noun}: {exc}") from exc
     if ack.status != "stored":
-        raise TransferError(f"the receiver rejected the update: {ack.reason}")
+        raise TransferError(f"the receiver rejected the {noun}: {ack.reason}")
     return PushResult(
         status="stored" if reply.status == "accept" else "already-held", reason="", bytes_sent=sent
     )
@@ -225,35 +314,38 @@ class PushServerStatistics:
     bytes_received: int
 
 
-class PushServer:
-    """Receives ``/fednode/push/1.0.0`` pushes into a :class:`BlobStore`.
+class PushServer(Generic[M]):
+    """Receives the pushes of one :class:`PushKind` into a :class:`BlobStore`.
 
     Args:
         admit: decides each verified offer before any bytes flow (see :data:`Admit`).
-        on_stored: called with each stored update before the ack (see :data:`OnStored`).
+        on_stored: called with each stored message before the ack (see :data:`OnStored`).
         on_abandoned: called when an admitted push fails (see :data:`OnAbandoned`).
-        max_size: refuse updates whose blob is larger.
+        max_size: refuse blobs larger than this.
         max_concurrent: refuse ("busy") beyond this many pushes at once.
         timeout: seconds to read the offer and answer it.
         stall_timeout: seconds one chunk may take to arrive.
+        kind: what is pushed (default: client updates, ``/fednode/push/1.0.0``).
     """
 
     def __init__(
         self,
         store: BlobStore,
-        admit: Admit,
+        admit: Admit[M],
         *,
-        on_stored: OnStored | None = None,
-        on_abandoned: OnAbandoned | None = None,
+        on_stored: OnStored[M] | None = None,
+        on_abandoned: OnAbandoned[M] | None = None,
         max_size: int = 1 << 30,
         max_concurrent: int = 16,
         timeout: float = 10.0,
         stall_timeout: float = 30.0,
+        kind: PushKind[M] = UPDATES,  # type: ignore[assignment]  # M is ModelUpdate then
     ) -> None:
+        self.kind: PushKind[M] = kind
         self.store = store
-        self.admit = admit
-        self.on_stored = on_stored
-        self.on_abandoned = on_abandoned
+        self.admit: Admit[M] = admit
+        self.on_stored: OnStored[M] | None = on_stored
+        self.on_abandoned: OnAbandoned[M] | None = on_abandoned
         self.max_size = max_size
         self.max_concurrent = max_concurrent
         self.timeout = timeout
@@ -302,39 +394,38 @@ class PushServer:
         raw = await receive_frame(stream, limit, self.timeout)
         offer = decode(bytes(raw), PushOffer, header_limits(len(raw)))
         try:
-            update, envelope = open_envelope(offer.envelope, ModelUpdate)
+            msg, envelope = open_envelope(offer.envelope, self.kind.message)
         except (WireError, CryptoError) as exc:
             await self._reply(stream, "refuse", f"invalid envelope: {exc}")
             return
-        if update.size > self.max_size:
-            await self._reply(
-                stream, "refuse", f"update of {update.size} bytes exceeds {self.max_size}"
-            )
+        _, size = self.kind.blob(msg)
+        if size > self.max_size:
+            await self._reply(stream, "refuse", f"blob of {size} bytes exceeds {self.max_size}")
             return
-        if len(offer.chunks) != chunk_count(update.size, offer.chunk_size):
-            raise RemoteProtocolError("the chunk list does not fit the update's size")
+        if len(offer.chunks) != chunk_count(size, offer.chunk_size):
+            raise RemoteProtocolError("the chunk list does not fit the blob's size")
         if self._active >= self.max_concurrent:
             await self._reply(stream, "refuse", "busy")
             return
-        reason = self.admit(update, envelope)
+        reason = self.admit(msg, envelope)
         if reason is not None:
             await self._reply(stream, "refuse", reason)
             return
         self._active += 1
         outcome = "cancelled"
         try:
-            failure = await self._transfer(stream, offer, update)
+            failure = await self._transfer(stream, offer, msg)
             if failure is not None:
                 outcome = failure
                 return
-            reason = await self.on_stored(update, envelope) if self.on_stored else None
+            reason = await self.on_stored(msg, envelope) if self.on_stored else None
             if reason is not None:
-                self.store.unpin(update.update)
+                self.store.unpin(self.kind.blob(msg)[0])
                 outcome = f"rejected: {reason}"
                 await self._ack(stream, "rejected", reason)
                 return
             # Taken into account: if the ack is lost now, the sender retries and admit sees a
-            # duplicate; the update is not abandoned.
+            # duplicate; the push is not abandoned.
             outcome = "stored"
             await self._ack(stream, "stored")
         except PEER_ERRORS as exc:
@@ -344,12 +435,12 @@ class PushServer:
         finally:
             self._active -= 1
             if outcome != "stored" and self.on_abandoned is not None:
-                self.on_abandoned(update, outcome)
+                self.on_abandoned(msg, outcome)
 
-    async def _transfer(self, stream: Stream, offer: PushOffer, update: ModelUpdate) -> str | None:
-        """Receive, verify, store and pin an admitted update's blob; ``None`` once it is stored,
+    async def _transfer(self, stream: Stream, offer: PushOffer, msg: M) -> str | None:
+        """Receive, verify, store and pin an admitted push's blob; ``None`` once it is stored,
         else why not."""
-        key = update.update
+        key, size = self.kind.blob(msg)
         if self.store.has(key):
             self.store.pin(key)
             await self._reply(stream, "have")
@@ -366,7 +457,7 @@ class PushServer:
                     partial,
                     offer.chunks,
                     chunk_size=offer.chunk_size,
-                    size=update.size,
+                    size=size,
                     stall_timeout=self.stall_timeout,
                     on_chunk=on_chunk,
                 )
@@ -378,7 +469,7 @@ class PushServer:
             try:
                 await run_io(sync_cost(self.store), partial.commit, True)
             except TransferError as exc:
-                await self._ack(stream, "rejected", f"the blob does not match the update: {exc}")
+                await self._ack(stream, "rejected", f"the blob does not match its digest: {exc}")
                 return "rejected: digest mismatch"
         return None
 
@@ -393,16 +484,17 @@ async def _close(stream: Stream) -> None:
 def serve_push(
     host: Host,
     store: BlobStore,
-    admit: Admit,
+    admit: Admit[ModelUpdate],
     *,
-    on_stored: OnStored | None = None,
-    on_abandoned: OnAbandoned | None = None,
+    on_stored: OnStored[ModelUpdate] | None = None,
+    on_abandoned: OnAbandoned[ModelUpdate] | None = None,
     max_size: int = 1 << 30,
     max_concurrent: int = 16,
     timeout: float = 10.0,
     stall_timeout: float = 30.0,
-) -> PushServer:
-    """Register a :class:`PushServer` on ``host``; returns it (for statistics)."""
+) -> PushServer[ModelUpdate]:
+    """Register a :class:`PushServer` for client updates (``/fednode/push/1.0.0``) on ``host``;
+    returns it (for statistics)."""
     server = PushServer(
         store,
         admit,
@@ -412,19 +504,56 @@ def serve_push(
         max_concurrent=max_concurrent,
         timeout=timeout,
         stall_timeout=stall_timeout,
+        kind=UPDATES,
     )
-    host.set_stream_handler(PUSH_PROTOCOL, server.handle)
+    host.set_stream_handler(UPDATES.protocol, server.handle)
+    return server
+
+
+def serve_partials(
+    host: Host,
+    store: BlobStore,
+    admit: Admit[PartialAggregate],
+    *,
+    on_stored: OnStored[PartialAggregate] | None = None,
+    on_abandoned: OnAbandoned[PartialAggregate] | None = None,
+    max_size: int = 1 << 30,
+    max_concurrent: int = 64,
+    timeout: float = 10.0,
+    stall_timeout: float = 30.0,
+) -> PushServer[PartialAggregate]:
+    """Register a :class:`PushServer` for combiners' partial aggregates
+    (``/fednode/partial/1.0.0``) on ``host``; returns it (for statistics)."""
+    server = PushServer(
+        store,
+        admit,
+        on_stored=on_stored,
+        on_abandoned=on_abandoned,
+        max_size=max_size,
+        max_concurrent=max_concurrent,
+        timeout=timeout,
+        stall_timeout=stall_timeout,
+        kind=PARTIALS,
+    )
+    host.set_stream_handler(PARTIALS.protocol, server.handle)
     return server
 
 
 __all__ = [
+    "PARTIALS",
+    "PARTIAL_PROTOCOL",
     "PUSH_PROTOCOL",
+    "UPDATES",
     "Admit",
     "OnAbandoned",
     "OnStored",
+    "PushKind",
     "PushResult",
     "PushServer",
     "PushServerStatistics",
+    "push_partial",
+    "push_signed",
     "push_update",
+    "serve_partials",
     "serve_push",
 ]

@@ -11,7 +11,12 @@ region = "eu-north"
 capacity = 20
 heartbeat_interval = 1.0
 mdns = false
+task = "fednode.task.digits"  # a client: the task it trains (module or .py file)
+partition_index = 0          # a client: which share of the task's data it holds...
+partition_count = 10         # ...out of how many
 ```
+
+A reducer's session settings live in a ``[session]`` table (``fednode.node.session``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class NodeConfig:
     capacity: int = 10
     heartbeat_interval: float = 1.0
     mdns: bool = False
+    task: str | None = None  #: a client's task (None: ``fednode.task.DEFAULT_TASK``)
+    partition_index: int = 0  #: a client's share of the task's data...
+    partition_count: int = 1  #: ...out of this many
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -65,6 +73,12 @@ class NodeConfig:
             raise ConfigError("capacity must be non-negative")
         if len(self.region) > 64:
             raise ConfigError("region must be at most 64 characters")
+        if self.task is not None and not self.task.strip():
+            raise ConfigError("task must name a module or a .py file")
+        if not 0 <= self.partition_index < self.partition_count:
+            raise ConfigError(
+                f"partition index {self.partition_index} must be in [0, {self.partition_count})"
+            )
 
     def listen_addrs(self) -> tuple[str, ...]:
         """Where to listen. A client needs no inbound port: it dials out."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from fednode.crypto import NodeKey, seal_bytes
+from fednode.crypto import NodeKey, domain_of, seal_bytes
 from fednode.errors import BadSignatureError, TransportError, WireError
 from fednode.net.framing import receive_frame, send_frame
 from fednode.net.interface import GossipMessage, Host, PeerConnected, PeerDiscovered, Stream
@@ -38,18 +38,38 @@ from fednode.protocol.membership import (
     PeerSuspected,
     open_heartbeat,
 )
-from fednode.wire import FederationId, Heartbeat, PeerId, SessionId, control_topic, decode, encode
+from fednode.wire import (
+    Envelope,
+    FederationId,
+    Heartbeat,
+    PeerId,
+    SessionId,
+    control_topic,
+    decode,
+    encode,
+)
 from fednode.wire.status import NodeStatus, PeerStatus
 
 log = logging.getLogger(__name__)
 
 STATUS_PROTOCOL = "/fednode/status/1.0.0"
 STATUS_TIMEOUT = 10.0
+#: One sealed control message sent straight to a peer that needs it now (a reducer's plan to the
+#: combiners it assigns), besides gossip: one frame, then the stream ends.
+CONTROL_PROTOCOL = "/fednode/control/1.0.0"
+CONTROL_TIMEOUT = 5.0
+CONTROL_LIMIT = 1 << 20
 #: Learned peers are dialled only while we hold fewer connections than this; gossip reaches the
 #: rest through them.
 TARGET_CONNECTIONS = 8
 PING_INTERVAL = 5.0
 PEERSTORE_SAVE_INTERVAL = 30.0
+_HEARTBEAT_DOMAIN = domain_of(Heartbeat)
+
+ControlHandler = Callable[[Envelope, PeerId], None]
+"""``handler(envelope, source)``: a control message other than a heartbeat, not yet verified."""
+MembershipListener = Callable[[Sequence[object]], None]
+"""``listener(events)``: membership events (joins, deaths...) just applied to the view."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +125,8 @@ class Node:
         self.invalid_messages = 0  # control messages that failed to decode or verify
         self._changed = trio.Event()  # wakes the timer loop when deadlines may have moved
         self.membership_events: list[object] = []  # the latest few, for the status display
+        self._control_handlers: list[ControlHandler] = []
+        self._membership_listeners: list[MembershipListener] = []
 
     @property
     def peer_id(self) -> PeerId:
@@ -112,6 +134,15 @@ class Node:
 
     def _wake(self) -> None:
         self._changed.set()
+
+    def on_control(self, handler: ControlHandler) -> None:
+        """Hand every control message that is not a heartbeat to ``handler`` (a role driver),
+        called in the gossip task: it must not block. It verifies what it takes."""
+        self._control_handlers.append(handler)
+
+    def on_membership(self, listener: MembershipListener) -> None:
+        """Call ``listener`` with the membership events of each change to the view."""
+        self._membership_listeners.append(listener)
 
     # --- heartbeats ---
 
@@ -150,7 +181,14 @@ class Node:
     async def _receive_gossip(self, channel: trio.MemoryReceiveChannel[GossipMessage]) -> None:
         async for msg in channel:
             try:
-                heartbeat = open_heartbeat(msg.data)
+                envelope = decode(msg.data, Envelope)
+                if envelope.domain != _HEARTBEAT_DOMAIN:
+                    # Round messages: for the role driver, if any (it verifies them); a node
+                    # with no use for them (a bootstrap) only relays them.
+                    for handler in self._control_handlers:
+                        handler(envelope, msg.source)
+                    continue
+                heartbeat = open_heartbeat(envelope)
             except (WireError, BadSignatureError) as exc:
                 self.invalid_messages += 1
                 log.info("dropped an invalid control message from %s: %s", msg.source, exc)
@@ -180,6 +218,10 @@ class Node:
             ):
                 log.info("%s %s", type(event).__name__, peer)
                 self.membership_events = [*self.membership_events[-19:], event]
+        changes = [e for e in events if not isinstance(e, HeartbeatRejected)]
+        if changes:
+            for listener in self._membership_listeners:
+                listener(changes)
         self._wake()
 
     async def _watch_peers(self) -> None:
@@ -293,6 +335,40 @@ class Node:
             peers=peers,
         )
 
+    async def send_control(self, peer: PeerId, sealed: bytes) -> None:
+        """Send one sealed control message straight to ``peer`` (``/fednode/control/1.0.0``).
+
+        Raises:
+            TransportError: it did not get there within :data:`CONTROL_TIMEOUT`.
+        """
+        with trio.move_on_after(CONTROL_TIMEOUT) as scope:
+            stream = await self.host.open_stream(peer, CONTROL_PROTOCOL)
+            try:
+                await send_frame(stream, sealed, CONTROL_TIMEOUT)
+            finally:
+                await stream.aclose()
+        if scope.cancelled_caught:
+            raise TransportError(f"no control stream to {peer} within {CONTROL_TIMEOUT:g} s")
+
+    async def _serve_control(self, stream: Stream) -> None:
+        try:
+            frame = await receive_frame(stream, CONTROL_LIMIT, CONTROL_TIMEOUT)
+            envelope = decode(bytes(frame), Envelope)
+        except (TransportError, WireError) as exc:
+            if isinstance(exc, WireError):
+                self.invalid_messages += 1
+            log.info("dropped a control message from %s: %s", stream.remote_peer, exc)
+            return
+        finally:
+            with trio.move_on_after(CONTROL_TIMEOUT):
+                try:
+                    await stream.aclose()
+                except TransportError:
+                    pass
+        if envelope.domain != _HEARTBEAT_DOMAIN:
+            for handler in self._control_handlers:
+                handler(envelope, stream.remote_peer)
+
     async def _serve_status(self, stream: Stream) -> None:
         await send_frame(stream, encode(self.status()), STATUS_TIMEOUT)
         await stream.send_eof()
@@ -309,6 +385,7 @@ class Node:
             for addr in known.addrs:
                 self.planner.add(addr, now)
         self.host.set_stream_handler(STATUS_PROTOCOL, self._serve_status)
+        self.host.set_stream_handler(CONTROL_PROTOCOL, self._serve_control)
         channel = await self.host.subscribe(self.topic)
         try:
             async with trio.open_nursery() as nursery:

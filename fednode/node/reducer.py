@@ -1,0 +1,568 @@
+"""Node layer: the reducer's trio driver, which pumps a ``ReducerMachine`` through a session.
+
+:meth:`ReducerDriver.run` runs one session from start to end:
+
+1. It builds the initial global model from the task's numpy-only ``initial_params(seed)`` (the
+   reducer never imports torch) and stores it, pinned, in the node's blob store, which every node
+   serves.
+2. It waits until the membership view holds ``wait_for`` live clients (default: ``min_clients``)
+   and ``wait_for_combiners`` live combiners (default 1): alive or suspect (not dead) nodes
+   whose heartbeats say role
+   ``client`` (or ``auto``), and role ``combiner`` (or ``auto``) with a capacity. Whom each plan
+   assigns where is the machine's business (least-loaded first); the driver feeds it the eligible
+   peers, again on every membership change, and reports deaths.
+3. It pumps the machine: plans are sealed and gossiped on the control topic (and gossiped again
+   every ``republish`` seconds with the latest result, so a peer that missed one catches up),
+   and sent straight to each assigned combiner over ``/fednode/control/1.0.0`` (gossip can
+   reach a peer outside the reducer's mesh a gossip heartbeat late, and the combiner must follow
+   the plan before its clients push);
+   combiners push their sealed partials and blobs over ``/fednode/partial/1.0.0``
+   (:func:`fednode.net.push.serve_partials`), where :meth:`ReducerMachine.on_partial` decides
+   before any blob byte flows; a partial whose push broke is fetched from its combiner over
+   ``/fednode/blob/1.0.0``. ``Reduce`` decodes the partials (in a worker thread if big), averages
+   them weighted by ``total_weight`` in a :class:`~fednode.aggregation.StreamingMean` and applies
+   the session's server optimiser, whose state lives as long as the session; the new model is
+   stored and pinned.
+4. Evaluation runs in a :class:`~fednode.task.runner.TaskRunner` (``process`` mode in
+   ``fednode start``: the task, and torch, load in a worker process, never in the reducer's),
+   every ``eval_every`` rounds and after the last; its metrics join the result as ``eval_*``.
+5. Each sealed ``round-result`` (and the final ``session-ended``) is gossiped and written to
+   ``<data-dir>/sessions/<session>/`` (``round-0001.result``, ..., ``session.ended``).
+
+Phase times of ``round-completed`` events: ``seconds`` runs from the round's first plan to its
+result; ``fetch_s`` and ``train_s`` are the clients' own ``fetch_seconds`` and ``train_seconds``
+update metrics, averaged (weighted by examples) through the partials; ``push_s`` is the rest of
+the collection (updates and partials moving, and waiting for the slowest client); and
+``aggregate_s`` runs from the close to the result (reduce, optimiser, store, evaluation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from fednode.aggregation import StreamingMean
+from fednode.crypto import seal_bytes
+from fednode.errors import AggregationError, ConfigError, TransportError, WireError
+from fednode.net.blob import fetch_blob
+from fednode.net.push import PushServer, serve_partials
+from fednode.node.context import (
+    Params,
+    RoleContext,
+    check_params,
+    layout,
+    load_model,
+    put_model,
+    run_blocking,
+)
+from fednode.node.session import server_optimizer
+from fednode.protocol.membership import PeerDied, PeerState
+from fednode.protocol.reducer import (
+    CombinerLost,
+    Evaluate,
+    FetchPartial,
+    PartialRejected,
+    PublishPlan,
+    PublishResult,
+    Reduce,
+    ReducerAction,
+    ReducerMachine,
+    SessionCompleted,
+    SessionFailed,
+)
+from fednode.protocol.rounds import CombinerLoad, peer_of
+from fednode.task import EvalConfig, load_task
+from fednode.task.runner import TaskRunner
+from fednode.wire import Digest, Envelope, PartialAggregate, PeerId, SessionConfig, SessionEnded
+
+log = logging.getLogger(__name__)
+
+#: How long a reduce waits for partial blobs still on their way before it goes without them.
+BLOB_WAIT = 30.0
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(slots=True)
+class _RoundClock:
+    started: float  #: the round's first plan went out
+    closed: float | None = None  #: the first Reduce of the round
+
+
+class ReducerDriver:
+    """Runs one session as its reducer (see the module docstring).
+
+    Args:
+        ctx: the node's shared role equipment.
+        config: the session's settings. session: its ID.
+        runner: evaluates global models (needed when ``config.eval_every`` > 0).
+        wait_for: live clients to wait for before the first plan (default ``min_clients``).
+        wait_for_combiners: live combiners to wait for (default 1).
+        republish: seconds between re-gossips of the plan in force (default: two heartbeats).
+        linger: seconds to keep re-gossiping the session end before :meth:`run` returns.
+    """
+
+    def __init__(
+        self,
+        ctx: RoleContext,
+        config: SessionConfig,
+        session: str,
+        *,
+        runner: TaskRunner | None = None,
+        wait_for: int | None = None,
+        wait_for_combiners: int = 1,
+        republish: float | None = None,
+        linger: float | None = None,
+    ) -> None:
+        if runner is None and config.eval_every > 0:
+            raise ConfigError("a session that evaluates needs a task runner at the reducer")
+        self.ctx = ctx
+        self.config = config
+        self.session = session
+        self.runner = runner
+        self.wait_for = config.min_clients if wait_for is None else wait_for
+        self.wait_for_combiners = wait_for_combiners
+        interval = ctx.node.config.heartbeat_interval
+        self.republish = 2 * interval if republish is None else republish
+        self.linger = 2 * interval if linger is None else linger
+        self.machine: ReducerMachine | None = None
+        self.ended: SessionEnded | None = None
+        self.results_dir = ctx.node.config.data_dir / "sessions" / _SAFE.sub("_", session)
+        self._optimizer = server_optimizer(config)
+        self._params: dict[Digest, Params] = {}  # the global model, and a new one being made
+        self._send, self._actions = trio.open_memory_channel[ReducerAction](math.inf)
+        self._changed = trio.Event()
+        self._peers_changed = trio.Event()
+        self._done = trio.Event()
+        self._pushes: dict[Digest, trio.Event] = {}  # partial blobs being pushed to us
+        self._fetched: dict[Digest, trio.Event] = {}  # partial blobs fetched (or given up)
+        self._partial_pins: list[Digest] = []
+        self._clocks: dict[int, _RoundClock] = {}
+        self._sealed_plan: bytes | None = None
+        self._sealed_result: bytes | None = None
+        self._ended_sealed: bytes | None = None
+        self._last_accuracy: float | None = None
+        self._nursery: trio.Nursery | None = None
+        self.partial_server: PushServer[PartialAggregate] | None = None
+
+    # --- running ---
+
+    async def run(self) -> SessionEnded:
+        """Run the session to its end; returns the signed outcome (completed or failed)."""
+        ctx = self.ctx
+        params = await trio.to_thread.run_sync(self._initial_params)
+        model, size = await put_model(ctx.store, params, pin=True)
+        self._params[model] = params
+        self.partial_server = serve_partials(
+            ctx.host,
+            ctx.store,
+            self._admit_partial,
+            on_stored=self._partial_stored,
+            on_abandoned=self._partial_abandoned,
+        )
+        ctx.node.on_membership(self._on_membership)
+        ctx.activity.session = self.session
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.runner is not None and self.config.eval_every > 0:
+                nursery.start_soon(self._warm_up, self.runner)
+            clients, combiners = await self._wait_for_peers()
+            self.machine = ReducerMachine(
+                config=self.config,
+                peer=ctx.peer,
+                public_key=ctx.node.key.public_key,
+                federation=ctx.node.config.federation,
+                session=self.session,
+                initial_model=model,
+                initial_size=size,
+                wall_offset_ms=ctx.wall_offset_ms,
+            )
+            actions = self.machine.start(trio.current_time(), clients, combiners)
+            plan = self.machine.plan
+            assert plan is not None
+            ctx.events.emit(
+                "session-started",
+                session=self.session,
+                rounds=self.config.rounds,
+                clients=sum(len(a.clients) for a in plan.assignments),
+                combiners=len(plan.assignments),
+            )
+            log.info(
+                "session %s started: %d rounds, %d clients over %d combiners",
+                self.session,
+                self.config.rounds,
+                sum(len(a.clients) for a in plan.assignments),
+                len(plan.assignments),
+            )
+            self._queue(actions)
+            nursery.start_soon(self._dispatch)
+            nursery.start_soon(self._run_timers)
+            await self._done.wait()
+            await self._linger()
+            nursery.cancel_scope.cancel()
+        assert self.ended is not None
+        return self.ended
+
+    def _initial_params(self) -> Params:
+        return load_task(self.config.task).initial_params(self.config.seed)
+
+    async def _warm_up(self, runner: TaskRunner) -> None:
+        try:
+            # (trio-typing, which libp2p installs, shadows trio's stubs with an older signature.)
+            await trio.to_thread.run_sync(  # type: ignore[call-arg]
+                runner.start, abandon_on_cancel=True
+            )
+        except Exception as exc:  # the task's own failure: evaluations will report it again
+            log.warning("the evaluation task did not start: %s", exc)
+
+    def _eligible(self) -> tuple[list[PeerId], list[CombinerLoad]]:
+        clients: list[PeerId] = []
+        combiners: list[CombinerLoad] = []
+        for member in self.ctx.node.view.members():
+            # A suspect peer is most likely slow, not gone: only the detector's "dead" excludes.
+            if member.state not in (PeerState.ALIVE, PeerState.SUSPECT):
+                continue
+            if member.role in ("client", "auto"):
+                clients.append(member.peer)
+            if member.role in ("combiner", "auto") and member.capacity > 0:
+                # Our own plan's clients are not another session's load on it.
+                ours = member.heartbeat.session in ("", self.session)
+                attached = 0 if ours else member.attached
+                combiners.append(
+                    CombinerLoad(peer=member.peer, capacity=member.capacity, attached=attached)
+                )
+        return clients, combiners
+
+    async def _wait_for_peers(self) -> tuple[list[PeerId], list[CombinerLoad]]:
+        logged = False
+        while True:
+            clients, combiners = self._eligible()
+            if len(clients) >= self.wait_for and len(combiners) >= self.wait_for_combiners:
+                return clients, combiners
+            if not logged:
+                log.info(
+                    "waiting for %d client(s) and %d combiner(s) (%d and %d alive)",
+                    self.wait_for,
+                    self.wait_for_combiners,
+                    len(clients),
+                    len(combiners),
+                )
+                logged = True
+            await self._peers_changed.wait()
+
+    def _on_membership(self, events: Sequence[object]) -> None:
+        self._peers_changed.set()
+        self._peers_changed = trio.Event()
+        machine = self.machine
+        if machine is None:
+            return
+        machine.on_peers(*self._eligible())
+        now = trio.current_time()
+        for event in events:
+            if isinstance(event, PeerDied):
+                self._queue(machine.on_peer_dead(event.peer, now))
+
+    def _queue(self, actions: Sequence[ReducerAction]) -> None:
+        for action in actions:
+            self._send.send_nowait(action)
+        self._changed.set()
+
+    async def _run_timers(self) -> None:
+        machine = self.machine
+        assert machine is not None
+        next_republish = trio.current_time() + self.republish
+        while True:
+            now = trio.current_time()
+            self._queue(machine.on_timer(now))
+            if now >= next_republish:
+                next_republish = now + self.republish
+                await self._republish()
+            deadline = machine.next_deadline()
+            self._changed = trio.Event()
+            with trio.move_on_at(min(next_republish, deadline or math.inf)):
+                await self._changed.wait()
+
+    async def _republish(self) -> None:
+        """Gossip the latest result and the plan in force again, for peers that missed them."""
+        machine = self.machine
+        if machine is None or machine.next_deadline() is None:
+            return
+        machine.on_peers(*self._eligible())  # loads change without membership events
+        for sealed in (self._sealed_result, self._sealed_plan):
+            if sealed is not None:
+                await self.ctx.publish(sealed)
+
+    async def _linger(self) -> None:
+        """Gossip the last result and the session end a few more times, then let go."""
+        sealed = [s for s in (self._sealed_result, self._ended_sealed) if s is not None]
+        repeats = 3
+        for _ in range(repeats):
+            await trio.sleep(self.linger / repeats)  # a pace for gossip, not a wait for an event
+            for message in sealed:
+                await self.ctx.publish(message)
+
+    # --- partials pushed to us ---
+
+    def _admit_partial(self, partial: PartialAggregate, envelope: Envelope) -> str | None:
+        machine = self.machine
+        if machine is None:
+            return "wrong-round"
+        actions = machine.on_partial(partial, trio.current_time())
+        for action in actions:
+            if isinstance(action, PartialRejected):
+                log.info(
+                    "refused a partial of round %d from %s: %s",
+                    partial.round,
+                    peer_of(partial.combiner),
+                    action.reason,
+                )
+                return str(action.reason)
+        self._pushes.setdefault(partial.partial, trio.Event())
+        self._queue(actions)
+        return None
+
+    async def _partial_stored(self, partial: PartialAggregate, envelope: Envelope) -> str | None:
+        self._partial_pins.append(partial.partial)
+        self._pushes.setdefault(partial.partial, trio.Event()).set()
+        return None
+
+    def _partial_abandoned(self, partial: PartialAggregate, reason: str) -> None:
+        log.info("the push of a partial from %s broke: %s", peer_of(partial.combiner), reason)
+        self._pushes.setdefault(partial.partial, trio.Event()).set()
+
+    # --- actions ---
+
+    async def _dispatch(self) -> None:
+        async for action in self._actions:
+            await self._execute(action)
+
+    async def _execute(self, action: ReducerAction) -> None:
+        nursery = self._nursery
+        assert nursery is not None
+        now = trio.current_time()
+        key = self.ctx.node.key
+        if isinstance(action, PublishPlan):
+            plan = action.plan
+            self._clocks.setdefault(plan.round, _RoundClock(started=now))
+            self._sealed_plan = seal_bytes(key, plan)
+            self.ctx.activity.round = plan.round
+            log.info(
+                "round %d plan %d: %d clients over %d combiners",
+                plan.round,
+                plan.amendment,
+                sum(len(a.clients) for a in plan.assignments),
+                len(plan.assignments),
+            )
+            for assignment in plan.assignments:
+                # Straight to the combiners too: gossip can reach a peer outside the mesh a
+                # heartbeat late, and its clients' pushes would meet "early" meanwhile.
+                nursery.start_soon(self._tell, assignment.combiner, self._sealed_plan)
+            await self.ctx.publish(self._sealed_plan)
+        elif isinstance(action, FetchPartial):
+            self._fetched[action.partial] = trio.Event()
+            nursery.start_soon(self._fetch_partial, action)
+        elif isinstance(action, Reduce):
+            clock = self._clocks.get(action.round)
+            if clock is not None and clock.closed is None:
+                clock.closed = now
+            nursery.start_soon(self._reduce, action)
+        elif isinstance(action, Evaluate):
+            nursery.start_soon(self._evaluate, action)
+        elif isinstance(action, PublishResult):
+            await self._publish_result(action, now)
+        elif isinstance(action, CombinerLost):
+            log.warning(
+                "round %d: combiner %s died; %d client(s) go uncounted",
+                action.round,
+                action.combiner,
+                len(action.clients),
+            )
+        elif isinstance(action, SessionCompleted | SessionFailed):
+            await self._end(action)
+        elif isinstance(action, PartialRejected):  # pragma: no cover - returned by admit
+            log.info("partial rejected: %s", action.reason)
+
+    async def _tell(self, peer: PeerId, sealed: bytes) -> None:
+        try:
+            await self.ctx.reach(peer)
+            await self.ctx.node.send_control(peer, sealed)
+        except TransportError as exc:
+            log.info("could not send the plan to %s directly (gossip carries it): %s", peer, exc)
+
+    async def _fetch_partial(self, action: FetchPartial) -> None:
+        """Have the partial's blob: from its push under way, else from its combiner."""
+        store = self.ctx.store
+        try:
+            pushing = self._pushes.get(action.partial)
+            if pushing is not None:
+                with trio.move_on_after(BLOB_WAIT):
+                    await pushing.wait()
+            if not store.has(action.partial):
+                await self.ctx.reach(action.peer)
+                await fetch_blob(
+                    self.ctx.host,
+                    [action.peer],
+                    action.partial,
+                    store,
+                    max_size=action.size,
+                    expected_size=action.size,
+                    pin=True,
+                )
+                self._partial_pins.append(action.partial)
+        except TransportError as exc:
+            log.warning("partial %s from %s: %s", action.partial.hex()[:16], action.peer, exc)
+        finally:
+            self._fetched.setdefault(action.partial, trio.Event()).set()
+
+    async def _reduce(self, action: Reduce) -> None:
+        machine = self.machine
+        assert machine is not None
+        with trio.move_on_after(BLOB_WAIT):
+            for partial in action.partials:
+                await self._fetched.setdefault(partial.partial, trio.Event()).wait()
+        parent = self._params[action.parent]
+        decoded: list[tuple[PartialAggregate, Params, dict[str, float]]] = []
+        missing: list[Digest] = []
+        for partial in action.partials:
+            try:
+                params, metrics = await load_model(self.ctx.store, partial.partial)
+            except (KeyError, WireError) as exc:
+                log.warning("partial %s is unusable: %r", partial.partial.hex()[:16], exc)
+                missing.append(partial.partial)
+                continue
+            problem = check_params(params, layout(parent))
+            if problem is not None:
+                log.warning("partial from %s: %s", peer_of(partial.combiner), problem)
+                missing.append(partial.partial)
+                continue
+            decoded.append((partial, params, metrics))
+        if missing:
+            self._queue(machine.on_partials_missing(missing, trio.current_time()))
+            return
+        size = sum(a.nbytes for a in parent.values()) * max(1, len(decoded))
+        new, metrics = await run_blocking(size, self._reduce_sync, decoded, parent)
+        model, model_size = await put_model(self.ctx.store, new, pin=True)
+        self._params[model] = new
+        self._queue(machine.on_reduced(model, model_size, metrics, trio.current_time()))
+
+    def _reduce_sync(
+        self, decoded: list[tuple[PartialAggregate, Params, dict[str, float]]], parent: Params
+    ) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, float]]:
+        """FedAvg of the partials weighted by their total weight, then the server optimiser."""
+        mean = StreamingMean()
+        sums: dict[str, float] = {}
+        weights: dict[str, int] = {}
+        for partial, params, metrics in decoded:
+            mean.add(params, partial.total_weight, key=partial.combiner)
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value * partial.total_weight
+                weights[name] = weights.get(name, 0) + partial.total_weight
+        try:
+            new = self._optimizer.step(parent, mean.result())
+        except AggregationError:
+            log.exception("the server optimiser failed")
+            raise
+        return new, {name: sums[name] / weights[name] for name in sorted(sums)}
+
+    async def _evaluate(self, action: Evaluate) -> None:
+        machine = self.machine
+        assert machine is not None and self.runner is not None
+        params = self._params[action.model]
+        try:
+            metrics = await trio.to_thread.run_sync(
+                self.runner.evaluate, dict(params), EvalConfig(round=action.round)
+            )
+        except Exception as exc:  # the task's own failure: the round goes on without it
+            log.warning("evaluating round %d failed: %s", action.round, exc)
+            metrics = {}
+        named = {f"eval_{k}": float(v) for k, v in metrics.items()}
+        self._queue(machine.on_evaluated(named, trio.current_time()))
+
+    async def _publish_result(self, action: PublishResult, now: float) -> None:
+        result = action.result
+        sealed = seal_bytes(self.ctx.node.key, result)
+        self._sealed_result = sealed
+        self._save(f"round-{result.round:04d}.result", sealed)
+        for digest in [d for d in self._params if d != result.model]:
+            del self._params[digest]
+        self.ctx.store.unpin(result.parent)
+        for digest in self._partial_pins:
+            self.ctx.store.unpin(digest)
+        self._partial_pins.clear()
+        await self.ctx.publish(sealed)
+        metrics = result.metrics
+        accuracy = metrics.get("eval_accuracy")
+        if accuracy is not None:
+            self._last_accuracy = accuracy
+        clock = self._clocks.get(result.round, _RoundClock(started=now))
+        closed = clock.closed if clock.closed is not None else now
+        fetch_s, train_s = metrics.get("fetch_seconds"), metrics.get("train_seconds")
+        push_s = None
+        if fetch_s is not None and train_s is not None:
+            push_s = max(0.0, closed - clock.started - fetch_s - train_s)
+        log.info(
+            "round %d: %d clients, %d examples, loss %s, accuracy %s",
+            result.round,
+            len(result.included),
+            result.num_examples,
+            metrics.get("eval_loss", metrics.get("loss")),
+            accuracy,
+        )
+        self.ctx.events.emit(
+            "round-completed",
+            round=result.round,
+            accuracy=accuracy,
+            loss=metrics.get("eval_loss"),
+            seconds=round(now - clock.started, 4),
+            clients_included=len(result.included),
+            num_examples=result.num_examples,
+            fetch_s=_rounded(fetch_s),
+            train_s=_rounded(train_s),
+            push_s=_rounded(push_s),
+            aggregate_s=round(now - closed, 4),
+            bytes_sent=self.ctx.bytes_sent(),
+        )
+
+    async def _end(self, action: SessionCompleted | SessionFailed) -> None:
+        ended = action.ended
+        self.ended = ended
+        self._ended_sealed = seal_bytes(self.ctx.node.key, ended)
+        self._save("session.ended", self._ended_sealed)
+        await self.ctx.publish(self._ended_sealed)
+        self.ctx.activity.round = -1
+        if isinstance(action, SessionCompleted):
+            log.info("session %s completed after %d rounds", self.session, ended.rounds)
+            self.ctx.events.emit(
+                "session-completed",
+                rounds=ended.rounds,
+                final_accuracy=self._last_accuracy,
+                model=ended.model.hex(),
+            )
+        else:
+            log.error("session %s failed: %s", self.session, action.reason)
+            self.ctx.events.emit("session-failed", reason=action.reason)
+        self._done.set()
+
+    def _save(self, name: str, sealed: bytes) -> None:
+        try:
+            self.results_dir.mkdir(parents=True, exist_ok=True)
+            path: Path = self.results_dir / name
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_bytes(sealed)
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("cannot save %s: %s", name, exc)
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+__all__ = ["BLOB_WAIT", "ReducerDriver"]

@@ -1,0 +1,478 @@
+"""Scenario layer: a whole local federation as separate OS processes over libp2p on loopback.
+
+A :class:`Federation` starts a bootstrap node, then a reducer, combiners and clients side by
+side, every one a ``fednode start --events`` child in a process group of its own, and follows
+the JSON events they print (:mod:`fednode.scenario.events`) until the reducer completes the
+session. It then stops the other nodes (SIGINT) while the reducer exits by itself, and reads
+their ``stopped`` events, which carry the bytes each sent. :meth:`Federation.close` (also on
+leaving the ``with`` block, however it is left) stops every process it started and SIGKILLs
+whatever is left, with SIGINT and SIGTERM ignored meanwhile so that a second Ctrl-C cannot cut
+the cleanup short.
+
+The run fails with :class:`DemoFailed` when the reducer reports ``session-failed``, any node
+exits before the session completes, or the deadline passes. Waits are on the nodes' events, never
+on the clock; the clock only bounds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Literal, NoReturn
+
+from fednode.crypto import load_or_create_key
+from fednode.errors import ConfigError, FednodeError
+from fednode.scenario.events import EventError, SessionCompleted, SessionFailed, Stopped, decode
+from fednode.scenario.processes import (
+    EXIT_FLUSH,
+    FEDNODE_START,
+    NodeExited,
+    NodeLine,
+    NodeOutput,
+    NodeProcess,
+    NodeProcessError,
+    stop_all,
+)
+from fednode.scenario.progress import FederationSnapshot, Progress, Role, RoundRow
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+DEFAULT_TASK = "fednode.task.digits"
+
+
+class DemoFailed(FednodeError):
+    """The federation failed: the session failed, a node died, or the deadline passed."""
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (raised by :func:`sigterm_raises`)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DemoConfig:
+    """A local federation and the session it runs.
+
+    ``lr`` None leaves the learning rate to the reducer (the task's default). ``program`` is the
+    node program (``fednode start``; tests put a stand-in there). ``timeout`` bounds the whole
+    run from the first process started to the session's end; ``exit_grace`` how long the reducer
+    has to exit by itself once it completed the session; ``stop_grace`` how long a node has to
+    exit after SIGINT before it is killed.
+    """
+
+    clients: int = 10
+    combiners: int = 2
+    rounds: int = 5
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float | None = None
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    task: str = DEFAULT_TASK
+    federation: str = "demo"
+    heartbeat_interval: float = 1.0
+    round_deadline: float = 120.0
+    eval_every: int = 1
+    timeout: float = 900.0
+    exit_grace: float = 30.0
+    stop_grace: float = 10.0
+    program: tuple[str, ...] = FEDNODE_START
+
+    def __post_init__(self) -> None:
+        for name in ("clients", "combiners", "rounds", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', ' ')} must be at least 1")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError("lr must be positive")
+        if not self.alpha > 0:
+            raise ConfigError("alpha must be positive")
+        if self.seed < 0:
+            raise ConfigError("seed must be non-negative")
+        if not self.timeout > 0 or not self.round_deadline > 0:
+            raise ConfigError("timeout and round deadline must be positive")
+
+    def common_args(self, role: Role) -> list[str]:
+        return [
+            *("--role", role),
+            *("--federation", self.federation),
+            *("--heartbeat-interval", f"{self.heartbeat_interval:g}"),
+            "--events",
+        ]
+
+    def reducer_args(self) -> list[str]:
+        args = [
+            *("--rounds", str(self.rounds)),
+            *("--min-clients", str(self.clients)),
+            *("--wait-for-combiners", str(self.combiners)),
+            *("--round-deadline", f"{self.round_deadline:g}"),
+            *("--epochs", str(self.epochs)),
+            *("--batch-size", str(self.batch_size)),
+            *("--server-optimizer", "fedavg"),
+            *("--eval-every", str(self.eval_every)),
+            *("--seed", str(self.seed)),
+            *("--task", self.task),
+            *("--partition", self.partition),
+            *("--alpha", repr(self.alpha)),
+        ]
+        if self.lr is not None:
+            args += ["--lr", repr(self.lr)]
+        return args
+
+    def client_args(self, index: int) -> list[str]:
+        return [
+            *("--task", self.task),
+            *("--partition-index", str(index)),
+            *("--partition-count", str(self.clients)),
+        ]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DemoResult:
+    """What a completed run measured.
+
+    Attributes:
+        rounds: every round, in order.
+        final_accuracy: the reducer's final accuracy.
+        total_seconds: from the demo's start to ``session-completed``.
+        processes_up_seconds: from the demo's start to every node having printed its identity.
+        startup_seconds: from the demo's start to ``session-started``.
+        first_round_seconds: from the demo's start to the first ``round-completed``.
+        bytes_sent: the sum of every node's ``stopped`` bytes.
+        warnings: things that went wrong after the session completed (a node that did not stop
+            cleanly), one line each.
+    """
+
+    rounds: tuple[RoundRow, ...]
+    final_accuracy: float | None
+    total_seconds: float
+    startup_seconds: float
+    first_round_seconds: float | None
+    processes_up_seconds: float | None = None
+    bytes_sent: int
+    warnings: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        """The ``--json`` document."""
+        return {
+            "rounds": [
+                {
+                    "round": row.round,
+                    "accuracy": row.accuracy,
+                    "loss": row.loss,
+                    "seconds": row.seconds,
+                    "clients_included": row.clients_included,
+                }
+                for row in self.rounds
+            ],
+            "final_accuracy": self.final_accuracy,
+            "total_seconds": self.total_seconds,
+            "startup_seconds": self.startup_seconds,
+            "bytes_sent": self.bytes_sent,
+        }
+
+
+ProgressCallback = Callable[[FederationSnapshot], None]
+
+
+class Federation:
+    """Runs one local federation (see the module docstring). A context manager, so that leaving
+    the block stops every process: ``with Federation(config, dir) as f: result = f.run()``.
+    ``on_progress`` sees a snapshot after every change and every ``tick`` seconds."""
+
+    def __init__(
+        self,
+        config: DemoConfig,
+        data_dir: Path,
+        *,
+        on_progress: ProgressCallback | None = None,
+        tick: float = 0.25,
+    ) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        self.on_progress = on_progress
+        self.tick = tick
+        self.nodes: dict[str, NodeProcess] = {}
+        self.started = time.monotonic()
+        self.progress = Progress(
+            clients=config.clients,
+            combiners=config.combiners,
+            rounds=config.rounds,
+            started=self.started,
+        )
+        self.deadline = self.started + config.timeout
+        self._events: queue.Queue[NodeOutput] = queue.Queue()
+        self._exited: set[str] = set()
+        self._interrupted: set[str] = set()
+        self._warnings: list[str] = []
+        self._closed = False
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- running ---
+
+    def run(self) -> DemoResult:
+        """Start the federation, follow it to the end of its session, stop it.
+
+        Raises:
+            DemoFailed: see the module docstring.
+        """
+        self.started = self.progress.started = time.monotonic()
+        self.deadline = self.started + self.config.timeout
+        try:
+            self._start_nodes()
+            self._follow_session()
+            warnings = self._stop_nodes()
+        except (NodeProcessError, EventError) as exc:
+            self._fail(str(exc))
+        self.progress.finish()
+        self._report()
+        progress = self.progress
+        assert progress.session_started_at is not None
+        assert progress.session_completed_at is not None
+        return DemoResult(
+            rounds=tuple(progress.completed),
+            final_accuracy=progress.final_accuracy,
+            total_seconds=progress.session_completed_at - self.started,
+            startup_seconds=progress.session_started_at - self.started,
+            first_round_seconds=(
+                None if progress.first_round_at is None else progress.first_round_at - self.started
+            ),
+            processes_up_seconds=progress.processes_up_seconds,
+            bytes_sent=progress.bytes_sent,
+            warnings=tuple(warnings),
+        )
+
+    def snapshot(self) -> FederationSnapshot:
+        return self.progress.snapshot(time.monotonic())
+
+    def _start_nodes(self) -> None:
+        """Every node at once: the bootstrap's address is known before it starts (its key is
+        made here, its port picked here), so no node waits for another to come up; a node that
+        dials the bootstrap before it listens retries (``fednode.protocol.dialing``)."""
+        config = self.config
+        boot_addr = _bootstrap_address(self.data_dir / "bootstrap")
+        listen = boot_addr.rsplit("/p2p/", 1)[0]
+        self._spawn("bootstrap", "bootstrap", "--listen", listen)
+        joined = ("--bootstrap", boot_addr)
+        self._spawn("reducer", "reducer", *joined, "--listen", LOOPBACK, *config.reducer_args())
+        for i in range(config.combiners):
+            self._spawn(f"combiner-{i}", "combiner", *joined, "--listen", LOOPBACK)
+        for i in range(config.clients):
+            self._spawn(f"client-{i}", "client", *joined, *config.client_args(i))
+        for node in self.nodes.values():
+            self._ready(node)
+        self.progress.all_up(time.monotonic())
+        self._report()
+
+    def _spawn(self, name: str, role: Role, *args: str) -> NodeProcess:
+        self.progress.add_node(name, role)
+        node = NodeProcess(
+            self.data_dir / name,
+            *self.config.common_args(role),
+            *args,
+            program=self.config.program,
+            name=name,
+            events=self._events,
+            ready=False,
+            wait=self.config.timeout,
+            die_with_parent=True,
+        )
+        self.nodes[name] = node
+        return node
+
+    def _ready(self, node: NodeProcess) -> None:
+        node.wait_ready(max(0.01, self.deadline - time.monotonic()))
+        self.progress.node_ready(node.name, node.peer_id)
+        self._report()
+
+    def _follow_session(self) -> None:
+        """Take events until the reducer has completed the session, then until it has exited
+        (within ``exit_grace``; :meth:`_stop_nodes` sees to it if not)."""
+        wind_down: float | None = None  # when the reducer should have exited by
+        while True:
+            if wind_down is None:
+                item = self._next(f"the session did not complete within {self.config.timeout:g} s")
+            elif time.monotonic() < wind_down:
+                item = self._next("", until=wind_down)
+            else:
+                self._warnings.append(
+                    f"the reducer did not exit within {self.config.exit_grace:g} s of completing "
+                    "the session"
+                )
+                return
+            if item is None:
+                continue
+            if isinstance(item, NodeLine):
+                event = self._take(item)
+                if isinstance(event, SessionFailed):
+                    self._fail(f"the session failed: {event.reason}")
+                if isinstance(event, SessionCompleted) and wind_down is None:
+                    wind_down = time.monotonic() + self.config.exit_grace
+                    # The session is over: the others stop while the reducer winds down.
+                    for name in self.nodes:
+                        if name != "reducer":
+                            self._interrupt(name)
+                continue
+            if wind_down is not None:
+                if item.node == "reducer":
+                    return
+                continue  # the session is over; _stop_nodes reports how each node ended
+            what = "exited" if item.code >= 0 else "was killed"
+            code = item.code if item.code >= 0 else f"signal {-item.code}"
+            self._fail(f"{item.node} {what} unexpectedly (code {code}){self._last_words(item)}")
+
+    def _interrupt(self, name: str) -> None:
+        """SIGINT, once: a node may take a second one as "stop now" and skip its cleanup."""
+        if name not in self._interrupted:
+            self._interrupted.add(name)
+            self.nodes[name].interrupt()
+
+    def _stop_nodes(self) -> list[str]:
+        """SIGINT every node still running (each once), read their ``stopped`` events until
+        all have exited (or ``stop_grace`` passes). Returns a warning for each node that did not
+        stop cleanly."""
+        for name in self.nodes:
+            if name not in self._exited:
+                self._interrupt(name)
+        grace = time.monotonic() + self.config.stop_grace
+        while len(self._exited) < len(self.nodes) and time.monotonic() < grace:
+            item = self._next("", until=grace)
+            if isinstance(item, NodeLine):
+                self._take(item)
+        warnings = self._warnings
+        for name, node in self.nodes.items():
+            if name not in self._exited:
+                warnings.append(f"{name} did not stop within {self.config.stop_grace:g} s")
+            elif node.proc.returncode != 0:
+                warnings.append(f"{name} exited with code {node.proc.returncode} when stopped")
+            elif self.progress.nodes[name].bytes_sent is None:
+                warnings.append(f"{name} exited without a stopped event")
+        return warnings
+
+    def _next(self, timeout_message: str, until: float | None = None) -> NodeOutput | None:
+        """The next output of any node, or None after a tick without one (the view refreshes).
+        Raises DemoFailed with ``timeout_message`` once the deadline has passed."""
+        limit = self.deadline if until is None else until
+        remaining = limit - time.monotonic()
+        if remaining <= 0:
+            if until is None:
+                self._fail(timeout_message)
+            return None
+        try:
+            item = self._events.get(timeout=min(self.tick, remaining))
+        except queue.Empty:
+            self._report()
+            return None
+        if isinstance(item, NodeExited):
+            self._exited.add(item.node)
+            self.progress.exited(item.node, item.code)
+        self._report()
+        return item
+
+    def _take(self, line: NodeLine) -> object:
+        event = decode(line.data)
+        if event is not None:
+            self.progress.apply(line.node, event, line.at)
+            if isinstance(event, Stopped | SessionCompleted | SessionFailed):
+                self._report()
+        return event
+
+    def _last_words(self, item: NodeExited) -> str:
+        node = self.nodes[item.node]
+        node.kill_group()  # workers it left behind would hold its stderr open
+        log = node.stderr_after_exit(timeout=EXIT_FLUSH).strip().splitlines()
+        if not log:
+            return ""
+        last = log[-1].strip()
+        return ": " + (last if len(last) <= 300 else last[:297] + "...")
+
+    def _fail(self, message: str) -> NoReturn:
+        self.progress.fail(message)
+        self._report()
+        raise DemoFailed(message)
+
+    def _report(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.snapshot())
+
+    # --- cleanup ---
+
+    def close(self) -> None:
+        """Stop every process this federation started (SIGINT, then SIGKILL after
+        ``stop_grace``), and kill their process groups. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        with _signals_ignored():
+            stop_all(self.nodes.values(), timeout=self.config.stop_grace)
+            self._write_logs()
+
+    def _write_logs(self) -> None:
+        """Each node's stderr to ``<data_dir>/<name>.log`` (kept with ``--keep``)."""
+        for name, node in self.nodes.items():
+            with contextlib.suppress(OSError):
+                log = node.stderr_after_exit(timeout=EXIT_FLUSH)
+                (self.data_dir / f"{name}.log").write_text(log + "\n")
+
+    def pids(self) -> list[int]:
+        return [node.pid for node in self.nodes.values()]
+
+
+def _bootstrap_address(data_dir: Path) -> str:
+    """A full loopback multiaddr for a bootstrap node yet to start: its key is created in
+    ``data_dir`` (where ``fednode start`` finds it) and a free port is picked. Another program
+    could take the port before the node binds it; the node would then fail to start, and say so.
+    """
+    key, _ = load_or_create_key(data_dir / "node.key")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"/ip4/127.0.0.1/tcp/{port}/p2p/{key.peer_id}"
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored for the block (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread, so ``finally``
+    clauses and ``with`` blocks run as they do for Ctrl-C (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated()
+
+    saved = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, saved)

@@ -1,0 +1,265 @@
+"""``fednode demo``'s machinery against stand-in nodes (``fake_node.py``: the ``--events`` contract,
+no network): the result and its ``--json``, the exit code, and that no process it started
+survives it, whether the run completes, fails, a node crashes, or the demo is interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fednode.scenario.federation import DemoConfig, Federation
+
+pytestmark = pytest.mark.timeout(60)
+
+FAKE_NODE = Path(__file__).with_name("fake_node.py")
+PROGRAM = (sys.executable, str(FAKE_NODE))
+BYTES_SENT = 1000  # fake_node.BYTES_SENT, per node
+WAIT = 30.0
+
+
+def demo(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*DEMO, "--data-dir", str(data_dir), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=WAIT,
+    )
+
+
+DEMO = (sys.executable, "-m", "fednode", "demo", "--node-program", " ".join(PROGRAM), "--no-live")
+
+
+def started_pids(data_dir: Path) -> dict[str, int]:
+    """Every process the stand-ins wrote down: nodes (``pid``) and their workers."""
+    return {
+        f"{path.parent.name}/{path.name}": int(path.read_text())
+        for pattern in ("*/pid", "*/worker.pid")
+        for path in data_dir.glob(pattern)
+    }
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper counts as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def survivors(data_dir: Path) -> list[str]:
+    return [name for name, pid in started_pids(data_dir).items() if alive(pid)]
+
+
+def test_a_completed_run_reports_writes_json_and_leaves_no_process(tmp_path: Path) -> None:
+    # Prepare
+    out = tmp_path / "result.json"
+    # Execute
+    result = demo(
+        tmp_path / "data",
+        *("--clients", "3", "--combiners", "2", "--rounds", "4", "--json", str(out)),
+        env={"FAKE_WORKER": "1"},
+    )
+    # Assert
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(r"7 processes up after [\d.]+ s; session started after [\d.]+ s", lines[0])
+    assert lines[1:5] == [
+        f"round {r}/4  accuracy {0.5 + 0.1 * r:.4f}  loss {1 / r:.4f}  0.02 s  3 clients"
+        for r in range(1, 5)
+    ]
+    assert "final accuracy  0.9000" in result.stdout
+    document = json.loads(out.read_text())
+    assert set(document) == {
+        "rounds",
+        "final_accuracy",
+        "total_seconds",
+        "startup_seconds",
+        "bytes_sent",
+    }
+    assert document["rounds"] == [
+        {
+            "round": r,
+            "accuracy": round(0.5 + 0.1 * r, 4),
+            "loss": round(1 / r, 4),
+            "seconds": 0.02,
+            "clients_included": 3,
+        }
+        for r in range(1, 5)
+    ]
+    assert document["final_accuracy"] == 0.9
+    assert 0 < document["startup_seconds"] < document["total_seconds"] < WAIT
+    assert document["bytes_sent"] == 7 * BYTES_SENT  # bootstrap, reducer, 2 combiners, 3 clients
+    pids = started_pids(tmp_path / "data")
+    assert len(pids) == 14  # 7 nodes, 7 workers
+    assert survivors(tmp_path / "data") == []
+    assert sorted(p.name for p in (tmp_path / "data").glob("*.log")) == sorted(
+        ["bootstrap.log", "reducer.log", "combiner-0.log", "combiner-1.log"]
+        + [f"client-{i}.log" for i in range(3)]
+    )
+
+
+def test_session_failed_exits_nonzero_with_one_line_and_cleans_up(tmp_path: Path) -> None:
+    # Prepare
+    out = tmp_path / "result.json"
+    # Execute
+    result = demo(
+        tmp_path / "data",
+        *("--clients", "2", "--rounds", "3", "--json", str(out)),
+        env={"FAKE_FAIL_ROUND": "2", "FAKE_WORKER": "1"},
+    )
+    # Assert
+    assert result.returncode == 1
+    assert result.stderr == (
+        "fednode: error: the session failed: round 2 fell short: 0 of 2 clients\n"
+    )
+    assert "round 1/3  accuracy 0.6000" in result.stdout  # the round it did finish
+    assert not out.exists()
+    assert len(started_pids(tmp_path / "data")) == 12  # 6 nodes, 6 workers
+    assert survivors(tmp_path / "data") == []
+
+
+def test_a_crashed_client_fails_the_run_and_the_rest_are_stopped(tmp_path: Path) -> None:
+    # Execute: the reducer never completes, so the crash is what ends the run
+    result = demo(
+        tmp_path / "data",
+        *("--clients", "3", "--rounds", "2"),
+        env={"FAKE_HANG": "1", "FAKE_CRASH_CLIENT": "1", "FAKE_WORKER": "1"},
+    )
+    # Assert
+    assert result.returncode == 1
+    assert result.stderr.startswith("fednode: error: client-1 exited unexpectedly (code 3)")
+    assert result.stderr.count("\n") == 1
+    assert len(started_pids(tmp_path / "data")) == 14
+    assert survivors(tmp_path / "data") == []
+
+
+def test_a_node_that_cannot_start_fails_the_run(tmp_path: Path) -> None:
+    # Execute: the node program dies before its identity block
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "fednode", "demo", "--no-live"),
+            *("--node-program", f"{sys.executable} -c 'import sys; sys.exit(4)'"),
+            *("--data-dir", str(tmp_path / "data")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    # Assert
+    assert result.returncode == 1
+    assert result.stderr.startswith("fednode: error: bootstrap exited with code 4")
+
+
+def test_timeout_fails_the_run_and_cleans_up(tmp_path: Path) -> None:
+    # Execute
+    result = demo(tmp_path / "data", *("--clients", "2", "--timeout", "1"), env={"FAKE_HANG": "1"})
+    # Assert
+    assert result.returncode == 1
+    assert result.stderr == "fednode: error: the session did not complete within 1 s\n"
+    assert len(started_pids(tmp_path / "data")) == 6  # bootstrap, reducer, 2 + 2
+    assert survivors(tmp_path / "data") == []
+
+
+@pytest.mark.parametrize(("sig", "code", "said"), [
+    (signal.SIGINT, 130, "fednode: interrupted\n"),
+    (signal.SIGTERM, 143, "fednode: terminated\n"),
+])  # fmt: skip
+def test_interrupting_the_demo_stops_every_process_it_started(
+    tmp_path: Path, sig: signal.Signals, code: int, said: str
+) -> None:
+    # Prepare: a session that never ends, every node with a worker of its own
+    data_dir = tmp_path / "data"
+    proc = subprocess.Popen(
+        [*DEMO, "--data-dir", str(data_dir), "--clients", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "FAKE_HANG": "1", "FAKE_WORKER": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # the line that says the session started
+        assert "session started" in first
+        # Execute
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=WAIT)
+    finally:
+        proc.kill()
+        proc.wait()
+    # Assert
+    assert proc.returncode == code
+    assert stderr == said
+    assert len(started_pids(data_dir)) == 16  # 8 nodes, 8 workers
+    assert survivors(data_dir) == []
+
+
+def test_a_node_that_ignores_sigint_is_killed_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare
+    config = DemoConfig(
+        clients=2, combiners=1, rounds=1, program=PROGRAM, stop_grace=0.5, timeout=WAIT
+    )
+    monkeypatch.setenv("FAKE_STUBBORN", "combiner")
+    # Execute
+    with Federation(config, tmp_path) as federation:
+        result = federation.run()
+        pids = federation.pids()
+    # Assert
+    assert result.warnings == ("combiner-0 did not stop within 0.5 s",)
+    assert result.bytes_sent == 4 * BYTES_SENT  # all but the combiner said "stopped"
+    assert [pid for pid in pids if alive(pid)] == []
+
+
+def test_nodes_die_with_a_demo_killed_by_sigkill(tmp_path: Path) -> None:
+    # Prepare: no cleanup code of the demo can run after a SIGKILL; the kernel has to do it
+    data_dir = tmp_path / "data"
+    proc = subprocess.Popen(
+        [*DEMO, "--data-dir", str(data_dir), "--clients", "3"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "FAKE_HANG": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        assert "session started" in proc.stdout.readline()
+        # Execute
+        proc.kill()
+        proc.wait()
+    finally:
+        proc.kill()
+        proc.wait()
+    # Assert: every node is gone (SIGKILL is delivered at once; dying takes a moment)
+    deadline = time.monotonic() + WAIT
+    while survivors(data_dir) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(started_pids(data_dir)) == 7
+    assert survivors(data_dir) == []
+
+
+def test_a_reducer_that_lingers_after_the_session_is_stopped_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare
+    config = DemoConfig(clients=1, combiners=1, rounds=1, program=PROGRAM, exit_grace=0.2)
+    monkeypatch.setenv("FAKE_LINGER", "1")
+    # Execute
+    with Federation(config, tmp_path) as federation:
+        result = federation.run()
+    # Assert: stopped with SIGINT, cleanly, after the grace
+    assert result.warnings == ("the reducer did not exit within 0.2 s of completing the session",)
+    assert result.final_accuracy == 0.6
+    assert result.bytes_sent == 4 * BYTES_SENT
