@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from fednode.scenario.federation import DemoConfig, DemoResult, Federation
+from fednode.scenario.federation import DemoConfig, DemoFailed, DemoResult, Federation
 from fednode.scenario.progress import FederationSnapshot
 
 GOAL = {"round_seconds": 0.3, "startup_seconds": 5.0}
@@ -103,7 +104,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[1], help="one run per value")
     parser.add_argument("--timeout", type=float, default=900.0)
     args = parser.parse_args()
-    runs = []
+    runs: list[dict[str, object]] = []
+    load_before = os.getloadavg()
     for epochs in args.epochs:
         config = DemoConfig(
             clients=args.clients,
@@ -112,7 +114,10 @@ def main() -> None:
             epochs=epochs,
             timeout=args.timeout,
         )
-        runs.append(measure(config, args.warmup))
+        try:
+            runs.append(measure(config, args.warmup))
+        except DemoFailed as exc:
+            runs.append({"epochs": epochs, "error": str(exc)})
     report = {
         "benchmark": "rounds",
         "clients": args.clients,
@@ -122,8 +127,13 @@ def main() -> None:
         "runs": runs,
         "goal": GOAL,
         "references": REFERENCES,
+        # Everything runs on this machine's cores: other work on it slows every figure.
+        "cpus": os.cpu_count(),
+        "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
     }
     print(json.dumps(report, indent=2))
+    if any("error" in run for run in runs):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
