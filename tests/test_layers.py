@@ -10,7 +10,18 @@ from pathlib import Path
 import fednode
 
 PACKAGE = Path(fednode.__file__).parent
-LAYERS = ["wire", "crypto", "protocol", "aggregation", "task", "net", "node", "cli", "ui", "scenario"]
+LAYERS = [
+    "wire",
+    "crypto",
+    "protocol",
+    "aggregation",
+    "task",
+    "net",
+    "node",
+    "cli",
+    "ui",
+    "scenario",
+]
 # cli, ui and scenario are one top tier: they may use each other.
 RANK = {name: min(i, LAYERS.index("cli")) for i, name in enumerate(LAYERS)}
 
