@@ -434,6 +434,23 @@ def _round_examples() -> dict[str, Callable[[], Any]]:
             reducer=signer,
             created_ms=1_700_000_000_000,
         ),
+        "BlobRef": lambda: rounds.BlobRef(digest=update, size=1234),
+        # Plain FedAvg, so no optimiser state: every round from 0 is valid, as the probes need.
+        "SessionCheckpoint": lambda: rounds.SessionCheckpoint(
+            federation=demo,
+            session=s1,
+            term=2,
+            round=3,
+            model=update,
+            size=79,
+            holders=(key().peer_id,),
+            config=dataclasses.replace(session_config(), server_optimizer="fedavg"),
+            optimizer=None,
+            members=(key().peer_id,),
+            lease_ms=15_000,
+            reducer=signer,
+            created_ms=1_700_000_000_000,
+        ),
     }
 
 

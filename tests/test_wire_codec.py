@@ -38,12 +38,16 @@ from fednode.wire import (
 )
 from fednode.wire.control import Heartbeat, Role
 from fednode.wire.rounds import (
+    MAX_LEASE_MS,
+    MAX_MEMBERS,
     MAX_ROUND_DEADLINE_MS,
     Assignment,
+    BlobRef,
     PartitionScheme,
     RoundPlan,
     RoundResult,
     ServerOptimizer,
+    SessionCheckpoint,
     SessionConfig,
     SessionEnded,
     SessionOutcome,
@@ -304,6 +308,28 @@ def sessions_ended(draw: st.DrawFn) -> SessionEnded:
     )
 
 
+@st.composite
+def session_checkpoints(draw: st.DrawFn) -> SessionCheckpoint:
+    config = draw(SESSION_CONFIGS)
+    round_ = draw(st.integers(0, min(config.rounds, INT_MAX)))
+    stateless = config.server_optimizer == "fedavg" or round_ == 0
+    return SessionCheckpoint(
+        federation=draw(FEDERATIONS),
+        session=draw(SESSIONS),
+        term=draw(st.integers(1, INT_MAX)),
+        round=round_,
+        model=draw(DIGESTS),
+        size=draw(U64),
+        holders=tuple(draw(st.lists(PEER_IDS, max_size=3))),
+        config=config,
+        optimizer=None if stateless else BlobRef(digest=draw(DIGESTS), size=draw(U64)),
+        members=tuple(sorted(draw(st.sets(PEER_IDS, min_size=1, max_size=min(5, MAX_MEMBERS))))),
+        lease_ms=draw(st.integers(1, MAX_LEASE_MS)),
+        reducer=draw(KEYS),
+        created_ms=draw(U64),
+    )
+
+
 PEER_STATUSES = st.builds(
     PeerStatus,
     peer=PEER_IDS,
@@ -384,6 +410,7 @@ STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "round-plan": round_plans(),
     "round-result": round_results(),
     "session-ended": sessions_ended(),
+    "session-checkpoint": session_checkpoints(),
     "blob-request": blob_requests(),
     "blob-response": blob_responses(),
     "push-offer": st.builds(

@@ -39,7 +39,15 @@ from fednode.wire import (
     encode,
 )
 from fednode.wire.control import Heartbeat
-from fednode.wire.rounds import Assignment, RoundPlan, RoundResult, SessionConfig, SessionEnded
+from fednode.wire.rounds import (
+    Assignment,
+    BlobRef,
+    RoundPlan,
+    RoundResult,
+    SessionCheckpoint,
+    SessionConfig,
+    SessionEnded,
+)
 from fednode.wire.scan import ALLOWED_TAGS
 from fednode.wire.status import NodeStatus, PeerStatus
 from fednode.wire.transfer import BlobRequest, BlobResponse, PushAck, PushOffer, PushReply
@@ -54,6 +62,8 @@ NONCE = bytes(range(16))
 P1 = "12D3KooWA4Xop1JaT3MHxwYMkCepYsv4iPVopMXwCz5iHYdBfeSB"
 P2 = "12D3KooWHHzSeKaY8xuZVzkLbKFfvNgPPeKhFBGrMbNzbm5akpqu"
 P3 = "12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
+#: 257 sorted base58 peer IDs: one more than a checkpoint may name.
+OVER_MEMBER_CAP = sorted(a + b + c for a in "abc" for b in "abcdefghij" for c in "abcdefghij")[:257]
 CONFIG = SessionConfig(
     rounds=10, min_clients=2, max_retries=1, round_deadline_ms=60_000, epochs=1, batch_size=32,
     lr=0.05, aggregator="fedavg", server_optimizer="fedyogi", server_lr=0.01,
@@ -192,6 +202,21 @@ SAMPLES: dict[str, Any] = {
         rounds=2,
         model=D2,
         reason="round 3 fell short",
+        reducer=K1,
+        created_ms=1_700_000_000_000,
+    ),
+    "session-checkpoint": SessionCheckpoint(
+        federation="fed",
+        session="s1",
+        term=2,
+        round=3,
+        model=D2,
+        size=1234,
+        holders=(P1, P2),
+        config=CONFIG,
+        optimizer=BlobRef(digest=D3, size=4321),
+        members=(P1, P2, P3),
+        lease_ms=15_000,
         reducer=K1,
         created_ms=1_700_000_000_000,
     ),
@@ -1068,6 +1093,26 @@ def _config(**changes: Any) -> dict[str, Any]:
         ("session-ended", {"reason": ""}),
         ("session-ended", {"outcome": "completed"}),
         ("session-ended", {"reason": "x" * 1025}),
+        ("session-checkpoint", {"term": 0}),
+        ("session-checkpoint", {"round": 11}),
+        ("session-checkpoint", {"round": -1}),
+        ("session-checkpoint", {"optimizer": None}),
+        ("session-checkpoint", {"round": 0}),  # a stateful optimiser carries nothing at round 0
+        ("session-checkpoint", {"config": _config(server_optimizer="fedavg")}),
+        ("session-checkpoint", {"optimizer": {"digest": D3, "size": -1}}),
+        ("session-checkpoint", {"optimizer": {"digest": D3[:31], "size": 1}}),
+        ("session-checkpoint", {"optimizer": {"digest": D3}}),
+        ("session-checkpoint", {"members": []}),
+        ("session-checkpoint", {"members": [P2, P1]}),
+        ("session-checkpoint", {"members": [P1, P1]}),
+        ("session-checkpoint", {"members": ["0OIl"]}),
+        ("session-checkpoint", {"members": OVER_MEMBER_CAP}),
+        ("session-checkpoint", {"holders": ["x" * 200]}),
+        ("session-checkpoint", {"lease_ms": 0}),
+        ("session-checkpoint", {"lease_ms": 600_001}),
+        ("session-checkpoint", {"federation": "fed/eu"}),
+        ("session-checkpoint", {"session": ""}),
+        ("session-checkpoint", {"size": -1}),
     ],
     ids=repr,
 )

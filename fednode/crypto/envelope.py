@@ -29,6 +29,7 @@ AUTHOR_FIELDS = {
     "round-plan": "reducer",
     "round-result": "reducer",
     "session-ended": "reducer",
+    "session-checkpoint": "reducer",
 }
 
 

@@ -7,8 +7,14 @@ the client holds is the node's own configuration), and pushes the signed update 
 retrying with backoff until the deadline. It keeps every update it made until a round result
 shows whether it was counted (:class:`ForgetUpdate`), and pushes the kept update again, without
 retraining, when an amended plan of the same round assigns it (to the same combiner, which
-answers ``have``, or to another). A plan of a new round abandons unfinished work
-(:class:`Cancel`). Its transitions are :data:`TRANSITIONS`, drawn in ``protocols/rounds.md``.
+answers ``have``, or to another: its combiner died), or when any plan (a new reducer's, of a
+higher term) names a round and parent it kept an update for. A plan of a new round abandons
+unfinished work (:class:`Cancel`). Its transitions are :data:`TRANSITIONS`, drawn in
+``protocols/rounds.md``.
+
+A combiner refusing an update as ``early`` or ``not-assigned`` is retried like a failed push:
+either says the combiner follows an older plan than ours (the amended plan that moved us to it
+has not reached it yet).
 
 Reports about work that was cancelled meanwhile (a fetch, a training or a push finishing after a
 new plan) are ignored: they return no actions.
@@ -68,13 +74,14 @@ class Input(enum.StrEnum):
     PLAN_UNASSIGNED = "plan-unassigned"  #: a plan of a new round leaving us out
     AMENDED = "amended"  #: an amended plan of our round assigning us a combiner
     AMENDED_UNASSIGNED = "amended-unassigned"  #: an amended plan of our round leaving us out
+    RESUMED = "resumed"  #: a plan assigning us a round and parent we kept an update for
     FETCHED = "fetched"  #: the parent model is here
     FETCH_FAILED = "fetch-failed"  #: no holder could serve it; retry after a backoff
     TRAINED = "trained"  #: the update is made, before the deadline
     TRAINED_LATE = "trained-late"  #: the update is made, after the deadline
     TRAIN_FAILED = "train-failed"  #: the task failed
     ACKED = "acked"  #: the combiner stored the update (or had it)
-    PUSH_FAILED = "push-failed"  #: the push broke, or the combiner had no plan yet: retry later
+    PUSH_FAILED = "push-failed"  #: the push broke, or the combiner's plan is behind: retry later
     REFUSED = "refused"  #: the combiner refused the update for this round
     RETRY = "retry"  #: the backoff after a failed fetch or push passed
     DEADLINE = "deadline"  #: the round's deadline passed with no fetch or push in flight
@@ -148,6 +155,7 @@ TRANSITIONS: Table = MappingProxyType(
         (_S.IDLE, _I.PLAN_UNASSIGNED): (_S.IDLE, _NONE),
         (_S.IDLE, _I.AMENDED): (_S.FETCHING, emits(FetchModel)),
         (_S.IDLE, _I.AMENDED_UNASSIGNED): (_S.IDLE, _NONE),
+        (_S.IDLE, _I.RESUMED): (_S.PUSHING, emits(PushUpdate)),
         (_S.IDLE, _I.OLD_RESULT): (_S.IDLE, emits(many(ForgetUpdate))),
         (_S.IDLE, _I.SESSION_ENDED): (_S.DONE, emits(many(ForgetUpdate))),
         (_S.FETCHING, _I.FETCHED): (_S.TRAINING, emits(Train)),
@@ -158,6 +166,7 @@ TRANSITIONS: Table = MappingProxyType(
         (_S.FETCHING, _I.PLAN_UNASSIGNED): (_S.IDLE, emits(maybe(Cancel))),
         (_S.FETCHING, _I.AMENDED): (_S.FETCHING, _NONE),
         (_S.FETCHING, _I.AMENDED_UNASSIGNED): (_S.IDLE, emits(maybe(Cancel))),
+        (_S.FETCHING, _I.RESUMED): (_S.PUSHING, emits(maybe(Cancel), PushUpdate)),
         (_S.FETCHING, _I.RESULT): (_S.IDLE, emits(maybe(Cancel), many(ForgetUpdate))),
         (_S.FETCHING, _I.OLD_RESULT): (_S.FETCHING, emits(many(ForgetUpdate))),
         (_S.FETCHING, _I.SESSION_ENDED): (_S.DONE, emits(maybe(Cancel), many(ForgetUpdate))),
@@ -168,6 +177,7 @@ TRANSITIONS: Table = MappingProxyType(
         (_S.TRAINING, _I.PLAN_UNASSIGNED): (_S.IDLE, emits(Cancel)),
         (_S.TRAINING, _I.AMENDED): (_S.TRAINING, _NONE),
         (_S.TRAINING, _I.AMENDED_UNASSIGNED): (_S.IDLE, emits(Cancel)),
+        (_S.TRAINING, _I.RESUMED): (_S.PUSHING, emits(Cancel, PushUpdate)),
         (_S.TRAINING, _I.RESULT): (_S.IDLE, emits(Cancel, many(ForgetUpdate))),
         (_S.TRAINING, _I.OLD_RESULT): (_S.TRAINING, emits(many(ForgetUpdate))),
         (_S.TRAINING, _I.SESSION_ENDED): (_S.DONE, emits(Cancel, many(ForgetUpdate))),
@@ -180,6 +190,7 @@ TRANSITIONS: Table = MappingProxyType(
         (_S.PUSHING, _I.PLAN_UNASSIGNED): (_S.IDLE, emits(maybe(Cancel))),
         (_S.PUSHING, _I.AMENDED): (_S.PUSHING, emits(PushUpdate)),
         (_S.PUSHING, _I.AMENDED_UNASSIGNED): (_S.WAITING, emits(maybe(Cancel))),
+        (_S.PUSHING, _I.RESUMED): (_S.PUSHING, emits(maybe(Cancel), PushUpdate)),
         (_S.PUSHING, _I.RESULT): (_S.IDLE, emits(maybe(Cancel), many(ForgetUpdate))),
         (_S.PUSHING, _I.OLD_RESULT): (_S.PUSHING, emits(many(ForgetUpdate))),
         (_S.PUSHING, _I.SESSION_ENDED): (_S.DONE, emits(maybe(Cancel), many(ForgetUpdate))),
@@ -187,6 +198,7 @@ TRANSITIONS: Table = MappingProxyType(
         (_S.WAITING, _I.PLAN_UNASSIGNED): (_S.IDLE, _NONE),
         (_S.WAITING, _I.AMENDED): (_S.PUSHING, emits(PushUpdate)),
         (_S.WAITING, _I.AMENDED_UNASSIGNED): (_S.WAITING, _NONE),
+        (_S.WAITING, _I.RESUMED): (_S.PUSHING, emits(PushUpdate)),
         (_S.WAITING, _I.RESULT): (_S.IDLE, emits(many(ForgetUpdate))),
         (_S.WAITING, _I.OLD_RESULT): (_S.WAITING, emits(many(ForgetUpdate))),
         (_S.WAITING, _I.SESSION_ENDED): (_S.DONE, emits(many(ForgetUpdate))),
@@ -279,22 +291,28 @@ class ClientMachine:
         reason = follower.check(plan)
         if reason is not None:
             return [follower.rejected(plan, reason)]
-        _, amends = follower.follow(plan)
+        previous, amends = follower.follow(plan)
         self._combiner = plan.combiner_of(self.peer)
         self._deadline = local_time(plan.deadline_ms, self.wall_offset_ms)
         state = self._state
+        kept = self._kept.get(plan.round)
+        if kept is not None and kept.parent != plan.parent:
+            kept = None
         if amends:
             if self._combiner is None:
-                return self._go(Input.AMENDED_UNASSIGNED, self._stop())
-            if state is State.IDLE:
-                return self._go(Input.AMENDED, [self._fetch(plan)])
+                return self._go(Input.AMENDED_UNASSIGNED, self._stop(previous))
             if state in (State.PUSHING, State.WAITING):
                 return self._go(Input.AMENDED, [self._push()])
-            return self._go(Input.AMENDED, [])  # fetching or training: carry on, new combiner
-        actions = self._stop()
-        self._update = self._job = None
+            if state is not State.IDLE:
+                return self._go(Input.AMENDED, [])  # fetching or training: carry on, new combiner
+            if kept is None:
+                return self._go(Input.AMENDED, [self._fetch(plan)])
+        actions = self._stop(previous)
+        self._update, self._job = kept, None
         if self._combiner is None:
             return self._go(Input.PLAN_UNASSIGNED, actions)
+        if kept is not None:  # a new reducer's plan of a round we trained for: no retraining
+            return self._go(Input.RESUMED, [*actions, self._push()])
         return self._go(Input.PLAN, [*actions, self._fetch(plan)])
 
     def on_model_fetched(self, model: Digest, now: float) -> list[ClientAction]:
@@ -375,11 +393,11 @@ class ClientMachine:
 
     def on_push_refused(self, update: Digest, reason: str, now: float) -> list[ClientAction]:
         """The combiner refused the update (its ``push-reply`` or ``push-ack`` reason). ``early``
-        (it has no plan for the round yet) is retried like a failure; any other reason stops the
-        pushes for this plan, and the update stays kept for an amended one."""
+        and ``not-assigned`` (its plan is older than ours) are retried like a failure; any other
+        reason stops the pushes for this plan, and the update stays kept for an amended one."""
         if not self._pushing(update):
             return []
-        if reason == UpdateRejection.EARLY:
+        if reason in (UpdateRejection.EARLY, UpdateRejection.NOT_ASSIGNED):
             return self.on_push_failed(update, now)
         self._in_flight, self._retry_at = False, None
         return self._go(Input.REFUSED, [])
@@ -497,9 +515,9 @@ class ClientMachine:
         self._in_flight, self._retry_at = True, None
         return PushUpdate(combiner=self._combiner, update=self._update)
 
-    def _stop(self) -> list[ClientAction]:
-        """Cancel what is under way for the current round, if anything."""
-        plan = self._follower.plan
+    def _stop(self, plan: RoundPlan | None = None) -> list[ClientAction]:
+        """Cancel what is under way for ``plan`` (the plan followed), if anything."""
+        plan = plan or self._follower.plan
         round_ = 0 if plan is None else plan.round
         state, in_flight = self._state, self._in_flight
         self._in_flight, self._retry_at, self._attempts = False, None, 0

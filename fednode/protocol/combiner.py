@@ -14,11 +14,15 @@ reducer before the reducer's own deadline: a combiner that pushed at the deadlin
 late. Updates after the cut-off are ``stale``. A combiner with no update at the cut-off pushes
 nothing (a partial counts at least one update).
 
-An amended plan of the same round (same parent: a retry, or clients moved) keeps the updates of
-clients still assigned here, so a client that re-pushes the identical update is answered ``have``
-and counted once; if a counted client moved away, the running sum is rebuilt from the stored
-updates that remain (:class:`ResetAccumulator` then :class:`Accumulate` for each). The combiner
-then pushes again for the new attempt.
+An amended plan of the same round (same parent: a retry, the clients of a dead combiner moved,
+or a new reducer's plan of a higher term) keeps the updates of clients still assigned here, so a
+client that re-pushes the identical update is answered ``have`` and counted once; if a counted
+client moved away, the running sum is rebuilt from the stored updates that remain
+(:class:`ResetAccumulator` then :class:`Accumulate` for each). The combiner then pushes again for
+the new attempt, to the plan's reducer: at once if every client it assigns is in, else as above.
+An amendment that gives more clients to a combiner that already pushed reopens it: it takes their
+updates until its new cut-off and pushes a partial counting them too, which the reducer takes in
+place of the first (it counts strictly more, the first included).
 """
 
 from __future__ import annotations

@@ -1,32 +1,71 @@
 """Protocol layer: the reducer's side of a round, as a sans-IO state machine.
 
-The :class:`ReducerMachine` plans each round, checks the partial aggregates the combiners push,
-closes the round, asks the driver to reduce the partials (numpy FedAvg and the server optimiser
-live in ``fednode.aggregation``, the blobs in the driver's store), and announces the result. The
-driver feeds it verified messages, peer changes and timer ticks with ``now``; it returns actions
-(:data:`ReducerAction`). Its transitions are :data:`TRANSITIONS`, drawn in ``protocols/rounds.md``.
+The :class:`ReducerMachine` plans each round, checks the partial aggregates the combiners push
+(the tally of an attempt is :mod:`fednode.protocol.partials`), closes the round, asks the driver
+to reduce the partials (numpy FedAvg and the server optimiser live in ``fednode.aggregation``,
+the blobs in the driver's store), and announces the result. The driver feeds it verified
+messages, peer changes and timer ticks with ``now``; it returns actions (:data:`ReducerAction`).
+Its transitions are :data:`TRANSITIONS`, drawn in ``protocols/rounds.md``.
 
 A round closes as soon as every assigned combiner's partial is in and they cover at least
 ``min_clients`` clients, or else at its deadline if they cover ``min_clients``. A round that falls
 short at its deadline is planned again (the same round, ``amendment`` + 1, a fresh assignment from
 the peers known then and a new deadline), at most ``config.max_retries`` times; then the session
-fails, saying why. A partial that breaks the plan is a :class:`PartialRejected`, never an
-exception; misuse by the driver is a ``LocalProtocolError``.
+fails, saying why.
+
+Healing (``protocols/rounds.md``, Healing). An assigned combiner that dies before a partial counts
+all its clients leaves orphans: an amended plan (``amendment`` + 1, same round and parent) moves
+them to the combiners with room, what was counted staying counted, the deadline kept unless less
+than :data:`ORPHAN_GRACE` of a round is left; orphans with nowhere to go wait for room
+(:meth:`ReducerMachine.on_peers`), the round closing only at its deadline meanwhile. A plan,
+result or session end of this session from a higher reducer term makes the machine step down
+(:class:`SteppedDown`); one from a lower term is ``stale-term``. A reducer taking a session over
+is built with its ``term``, ``first_round`` and the last result's model as ``initial_model``.
+
+A partial that breaks the plan is a :class:`PartialRejected`, never an exception; misuse by the
+driver is a ``LocalProtocolError``.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from types import MappingProxyType
 
 from fednode.crypto import contributions_digest
 from fednode.errors import ConfigError, LocalProtocolError
+from fednode.protocol.election import (
+    DEFAULT_POLICY,
+    Candidate,
+    Policy,
+    Tree,
+    assign_by_election,
+    build_tree,
+)
+from fednode.protocol.partials import PartialRejection, Tally
+from fednode.protocol.reducer_actions import (
+    CombinerLost,
+    Evaluate,
+    FetchPartial,
+    PartialRejected,
+    PublishPlan,
+    PublishResult,
+    Reduce,
+    ReducerAction,
+    ReducerStatistics,
+    SessionCompleted,
+    SessionFailed,
+    State,
+    SteppedDown,
+)
 from fednode.protocol.rounds import (
     CombinerLoad,
+    PlanRejected,
+    PlanRejection,
+    ResultRejected,
+    ResultRejection,
     Table,
-    assign_clients,
     describe_diagram,
     describe_table,
     emits,
@@ -36,6 +75,7 @@ from fednode.protocol.rounds import (
     wall_ms,
 )
 from fednode.wire import (
+    Assignment,
     Contribution,
     Digest,
     FederationId,
@@ -52,14 +92,8 @@ from fednode.wire import (
 )
 from fednode.wire.rounds import MAX_HOLDERS, SessionOutcome
 
-
-class State(enum.StrEnum):
-    IDLE = "idle"  #: not started
-    COLLECTING = "collecting"  #: a plan is out; partials come in
-    REDUCING = "reducing"  #: the round closed; the driver reduces the partials
-    EVALUATING = "evaluating"  #: the driver evaluates the new global model
-    COMPLETED = "completed"  #: every round done
-    FAILED = "failed"  #: a round fell short once too often
+#: An amended plan that moves orphans leaves at least this fraction of the round deadline.
+ORPHAN_GRACE = 0.5
 
 
 class Input(enum.StrEnum):
@@ -69,7 +103,10 @@ class Input(enum.StrEnum):
     DEADLINE = "deadline"  #: the deadline passed with min_clients covered
     DEADLINE_SHORT = "deadline-short"  #: the deadline passed short of min_clients; retries left
     DEADLINE_FAILED = "deadline-failed"  #: the deadline passed short; no retries left
-    COMBINER_DEAD = "combiner-dead"  #: an assigned combiner died before its partial came
+    COMBINER_DEAD = "combiner-dead"  #: an assigned combiner died with orphans; some moved
+    COMBINER_DEAD_STUCK = "combiner-dead-stuck"  #: ... none could be moved: they wait
+    COMBINER_DEAD_LAST = "combiner-dead-last"  #: ... none to move; every other combiner is in
+    ORPHANS_MOVED = "orphans-moved"  #: a combiner with room appeared for waiting orphans
     REDUCED = "reduced"  #: the driver reduced; more rounds follow, no evaluation due
     REDUCED_EVAL = "reduced-eval"  #: the driver reduced; an evaluation is due
     REDUCED_FINAL = "reduced-final"  #: the driver reduced the last round; no evaluation due
@@ -78,121 +115,11 @@ class Input(enum.StrEnum):
     MISSING_FAILED = "missing-failed"  #: ... the rest fall short; no retries left
     EVALUATED = "evaluated"  #: the driver evaluated; more rounds follow
     EVALUATED_FINAL = "evaluated-final"  #: the driver evaluated the last round's model
+    SUPERSEDED = "superseded"  #: a plan or result of this session from a higher term
 
-
-class PartialRejection(enum.StrEnum):
-    """Why a partial aggregate was not accepted, in the order the checks run."""
-
-    WRONG_SESSION = "wrong-session"  #: another federation or session
-    WRONG_ROUND = "wrong-round"  #: a round not planned yet
-    STALE = "stale"  #: an earlier round, or this round already closed
-    WRONG_PARENT = "wrong-parent"  #: not trained from the plan's parent
-    NOT_ASSIGNED = "not-assigned"  #: its combiner has no clients in the plan
-    DUPLICATE = "duplicate"  #: its combiner already has a partial in, not a subset of this one
-    DOUBLE_COUNT = "double-count"  #: a client already counted in another combiner's partial
-    FOREIGN_CLIENT = "foreign-client"  #: a client not assigned to its combiner
-
-
-# --- actions --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PublishPlan:
-    """Seal ``plan`` and gossip it."""
-
-    plan: RoundPlan
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FetchPartial:
-    """Fetch the blob of an accepted partial (from its combiner, or any holder), ahead of
-    :class:`Reduce`."""
-
-    partial: Digest
-    size: int
-    peer: PeerId
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Reduce:
-    """Reduce: the mean of the partials' blobs weighted by their ``total_weight``, applied to
-    ``parent`` through the session's server optimiser. Store the new model, then call
-    :meth:`ReducerMachine.on_reduced`; if a partial's blob cannot be had,
-    :meth:`ReducerMachine.on_partials_missing`."""
-
-    round: int
-    parent: Digest
-    partials: tuple[PartialAggregate, ...]  #: sorted by combiner
-
-    @property
-    def weights(self) -> tuple[int, ...]:
-        return tuple(p.total_weight for p in self.partials)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Evaluate:
-    """Evaluate the global model ``model``, then call :meth:`ReducerMachine.on_evaluated`."""
-
-    round: int
-    model: Digest
-    size: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PublishResult:
-    """Seal ``result`` and gossip it (``result.global_model()`` is the model's own record)."""
-
-    result: RoundResult
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CombinerLost:
-    """An assigned combiner died before its partial came. Its clients go uncounted this attempt
-    (moving them to another combiner is the next step of the protocol)."""
-
-    round: int
-    combiner: PeerId
-    clients: tuple[PeerId, ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SessionCompleted:
-    """Every round is done: seal and gossip ``ended``, and stop."""
-
-    ended: SessionEnded
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SessionFailed:
-    """The session cannot go on: seal and gossip ``ended``, report ``reason``, and stop."""
-
-    reason: str
-    ended: SessionEnded
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PartialRejected:
-    """A partial was not accepted; the machine is unchanged. Log it and score the combiner."""
-
-    round: int
-    combiner: PublicKey
-    partial: Digest
-    reason: PartialRejection
-
-
-ReducerAction = (
-    PublishPlan
-    | FetchPartial
-    | Reduce
-    | Evaluate
-    | PublishResult
-    | CombinerLost
-    | SessionCompleted
-    | SessionFailed
-    | PartialRejected
-)
 
 _S, _I = State, Input
+_RUNNING = (_S.IDLE, _S.COLLECTING, _S.REDUCING, _S.EVALUATING)
 
 #: (state, input) -> (next state, actions). Drawn in ``protocols/rounds.md``.
 TRANSITIONS: Table = MappingProxyType(
@@ -203,7 +130,10 @@ TRANSITIONS: Table = MappingProxyType(
         (_S.COLLECTING, _I.DEADLINE): (_S.REDUCING, emits(Reduce)),
         (_S.COLLECTING, _I.DEADLINE_SHORT): (_S.COLLECTING, emits(PublishPlan)),
         (_S.COLLECTING, _I.DEADLINE_FAILED): (_S.FAILED, emits(SessionFailed)),
-        (_S.COLLECTING, _I.COMBINER_DEAD): (_S.COLLECTING, emits(CombinerLost)),
+        (_S.COLLECTING, _I.COMBINER_DEAD): (_S.COLLECTING, emits(CombinerLost, PublishPlan)),
+        (_S.COLLECTING, _I.COMBINER_DEAD_STUCK): (_S.COLLECTING, emits(CombinerLost)),
+        (_S.COLLECTING, _I.COMBINER_DEAD_LAST): (_S.REDUCING, emits(CombinerLost, Reduce)),
+        (_S.COLLECTING, _I.ORPHANS_MOVED): (_S.COLLECTING, emits(PublishPlan)),
         (_S.REDUCING, _I.REDUCED): (_S.COLLECTING, emits(PublishResult, PublishPlan)),
         (_S.REDUCING, _I.REDUCED_EVAL): (_S.EVALUATING, emits(Evaluate)),
         (_S.REDUCING, _I.REDUCED_FINAL): (_S.COMPLETED, emits(PublishResult, SessionCompleted)),
@@ -215,6 +145,7 @@ TRANSITIONS: Table = MappingProxyType(
             _S.COMPLETED,
             emits(PublishResult, SessionCompleted),
         ),
+        **{(s, _I.SUPERSEDED): (_S.SUPERSEDED, emits(SteppedDown)) for s in _RUNNING},
     }
 )
 
@@ -229,20 +160,6 @@ def describe_states() -> str:
     return describe_diagram(TRANSITIONS, State.IDLE)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ReducerStatistics:
-    """A snapshot of the reducer."""
-
-    state: State
-    round: int
-    amendment: int
-    retries: int  #: re-plans of the current round so far
-    deadline: float | None  #: when the current attempt closes (driver's clock)
-    partials: int  #: partials accepted in the current attempt
-    covered: int  #: clients they count
-    rejected: Mapping[PartialRejection, int]  #: every reason, zero if never seen
-
-
 class ReducerMachine:
     """Plans rounds, checks partials, closes rounds and announces results.
 
@@ -251,9 +168,10 @@ class ReducerMachine:
         peer: our peer ID. public_key: our signing key's public half (plans name it).
         federation, session: what we run.
         initial_model, initial_size: the global model round ``first_round`` trains from.
-        term: our reducer term (fixed here; elections will hand it out).
+        term: our reducer term (the election hands it out); plans and results name it.
         holders: peers besides us known to hold ``initial_model``.
-        first_round: the round to start at (1, or later when taking over a session).
+        first_round: the round to start at: 1, or, taking a session over, the round after the
+            last result's (with that result's model as ``initial_model``).
         wall_offset_ms: the driver's wall clock minus ``now``, in ms (``rounds`` module).
     """
 
@@ -271,6 +189,7 @@ class ReducerMachine:
         holders: Sequence[PeerId] = (),
         first_round: int = 1,
         wall_offset_ms: float = 0.0,
+        election_policy: Policy = DEFAULT_POLICY,
     ) -> None:
         if not is_federation_id(federation):
             raise ConfigError(f"invalid federation ID {federation!r}")
@@ -286,6 +205,7 @@ class ReducerMachine:
         self.federation = FederationId(federation)
         self.session = SessionId(session)
         self.term = term
+        self.election_policy = election_policy
         self.wall_offset_ms = wall_offset_ms
         self._state = State.IDLE
         self._round = first_round
@@ -296,12 +216,12 @@ class ReducerMachine:
         self._completed = first_round - 1  # rounds with a published result
         self._clients: set[PeerId] = set()
         self._combiners: dict[PeerId, CombinerLoad] = {}
+        self._candidates: dict[PeerId, Candidate] | None = None  # given by on_candidates
         self._plan: RoundPlan | None = None
         self._deadline: float | None = None
-        self._assigned: dict[PeerId, frozenset[PeerId]] = {}  # combiner -> its clients
-        self._partials: dict[PeerId, PartialAggregate] = {}  # combiner -> accepted partial
-        self._counted: dict[PublicKey, PeerId] = {}  # client key -> combiner that counted it
-        self._lost: set[PeerId] = set()
+        self._tally = Tally()
+        self._waiting: set[PeerId] = set()  # orphans no combiner had room for
+        self._successor: tuple[int, PublicKey] | None = None  # the higher term that took over
         self._reducing: tuple[PartialAggregate, ...] = ()
         self._new_model: tuple[Digest, int] | None = None
         self._metrics: dict[str, float] = {}
@@ -319,36 +239,83 @@ class ReducerMachine:
     # --- inputs ---
 
     def start(
-        self, now: float, clients: Iterable[PeerId], combiners: Iterable[CombinerLoad]
+        self,
+        now: float,
+        clients: Iterable[PeerId] = (),
+        combiners: Iterable[CombinerLoad] = (),
+        *,
+        candidates: Iterable[Candidate] | None = None,
     ) -> list[ReducerAction]:
-        """Plan the first round among the eligible ``clients`` and ``combiners``."""
+        """Plan the first round among the eligible ``clients`` and ``combiners`` (or, given
+        ``candidates``, as :meth:`on_candidates`). Nothing if a newer reducer took over
+        meanwhile."""
+        if self._state is State.SUPERSEDED:
+            return []
         if self._state is not State.IDLE:
             raise LocalProtocolError(f"start() in state {self._state}")
-        self.on_peers(clients, combiners)
+        if candidates is not None:
+            self.on_candidates(candidates)
+        else:
+            self.on_peers(clients, combiners)
         return self._go(Input.START, [self._new_plan(now)])
 
-    def on_peers(self, clients: Iterable[PeerId], combiners: Iterable[CombinerLoad]) -> None:
-        """The eligible peers changed (from membership). Used by the next plan or re-plan; the
-        current plan stands."""
+    def on_peers(
+        self, clients: Iterable[PeerId], combiners: Iterable[CombinerLoad], now: float | None = None
+    ) -> list[ReducerAction]:
+        """The eligible peers changed (from membership). The next plan or re-plan uses them; the
+        current plan stands, except that orphans waiting for a combiner move to one with room
+        now (given ``now``; else at the next :meth:`on_timer`)."""
+        self._candidates = None
         self._clients = set(clients)
         self._combiners = {c.peer: c for c in combiners}
+        self._waiting &= self._clients
+        return [] if now is None else self._move_waiting(now)
+
+    def on_candidates(
+        self, candidates: Iterable[Candidate], now: float | None = None
+    ) -> list[ReducerAction]:
+        """The live members as the election sees them (:func:`~fednode.protocol.election.
+        candidates_of`): like :meth:`on_peers`, but the next plan elects its combiners and
+        places its clients by load (:func:`~fednode.protocol.election.build_tree`)."""
+        found = {c.peer: c for c in candidates if c.peer != self.peer}
+        self._candidates = found
+        self._clients = {p for p, c in found.items() if c.has_data}
+        self._combiners = {
+            p: CombinerLoad(peer=p, capacity=c.capacity, attached=c.attached)
+            for p, c in found.items()
+            if c.stands
+        }
+        self._waiting &= self._clients
+        return [] if now is None else self._move_waiting(now)
 
     def on_peer_dead(self, peer: PeerId, now: float) -> list[ReducerAction]:
-        """``peer`` died: no longer eligible; an assigned combiner without a partial is lost."""
+        """``peer`` died: no longer eligible. An assigned combiner whose clients no partial
+        counts yet leaves orphans, moved by an amended plan (module docstring)."""
         self._clients.discard(peer)
         self._combiners.pop(peer, None)
-        if (
-            self._state is not State.COLLECTING
-            or peer not in self._assigned
-            or peer in self._partials
-            or peer in self._lost
-        ):
+        if self._candidates is not None:
+            self._candidates.pop(peer, None)
+        self._waiting.discard(peer)
+        tally = self._tally
+        if self._state is not State.COLLECTING or peer not in tally.assigned:
             return []
-        self._lost.add(peer)
+        if not tally.uncounted(peer):
+            return []  # its partial counts every client it had: nothing changes
+        orphans = tally.drop(peer)
+        alive = orphans & self._clients
+        placed = tally.place(alive, self._combiners.values())
+        self._waiting |= alive - placed
         lost = CombinerLost(
-            round=self._round, combiner=peer, clients=tuple(sorted(self._assigned[peer]))
+            round=self._round,
+            combiner=peer,
+            clients=tuple(sorted(orphans)),
+            waiting=tuple(sorted(self._waiting)),
         )
-        return self._go(Input.COMBINER_DEAD, [lost])
+        if placed:
+            return self._go(Input.COMBINER_DEAD, [lost, self._amend(now)])
+        if self._closable():
+            return self._go(Input.COMBINER_DEAD_LAST, [lost, self._close()])
+        return self._go(Input.COMBINER_DEAD_STUCK, [lost])
 
     def on_partial(self, partial: PartialAggregate, now: float) -> list[ReducerAction]:
         """Take a partial whose envelope the driver opened (signature and author checked)."""
@@ -363,25 +330,21 @@ class ReducerMachine:
                     reason=reason,
                 )
             ]
+        self._tally.accept(partial)
         combiner = peer_of(partial.combiner)
-        previous = self._partials.get(combiner)
-        if previous is not None:
-            for c in previous.contributions:
-                del self._counted[c.signer]
-        self._partials[combiner] = partial
-        for c in partial.contributions:
-            self._counted[c.signer] = combiner
         fetch = FetchPartial(partial=partial.partial, size=partial.size, peer=combiner)
-        complete = all(c in self._partials for c in self._assigned)
-        if complete and len(self._counted) >= self.config.min_clients:
+        if self._closable():
             return self._go(Input.LAST_PARTIAL, [fetch, self._close()])
         return self._go(Input.PARTIAL, [fetch])
 
     def on_timer(self, now: float) -> list[ReducerAction]:
-        """Close the current attempt if its deadline passed."""
-        if self._state is not State.COLLECTING or self._deadline is None or now < self._deadline:
+        """Close the current attempt if its deadline passed; else move waiting orphans to a
+        combiner with room, if one has appeared."""
+        if self._state is not State.COLLECTING or self._deadline is None:
             return []
-        if len(self._counted) >= self.config.min_clients:
+        if now < self._deadline:
+            return self._move_waiting(now)
+        if self._tally.covered >= self.config.min_clients:
             return self._go(Input.DEADLINE, [self._close()])
         return self._fall_short(now, Input.DEADLINE_SHORT, Input.DEADLINE_FAILED, "by the deadline")
 
@@ -393,7 +356,9 @@ class ReducerMachine:
         self, model: Digest, size: int, metrics: Mapping[str, float], now: float
     ) -> list[ReducerAction]:
         """The driver stored the reduced model ``model`` (``size`` bytes). ``metrics`` are the
-        round's weighted training metrics."""
+        round's weighted training metrics. Ignored once superseded."""
+        if self._state is State.SUPERSEDED:
+            return []
         if self._state is not State.REDUCING:
             raise LocalProtocolError(f"on_reduced() in state {self._state}")
         self._new_model = (model, size)
@@ -407,7 +372,9 @@ class ReducerMachine:
 
     def on_evaluated(self, metrics: Mapping[str, float], now: float) -> list[ReducerAction]:
         """The driver evaluated the new model. Metric names must differ from the training ones
-        (``eval_loss`` beside ``loss``)."""
+        (``eval_loss`` beside ``loss``). Ignored once superseded."""
+        if self._state is State.SUPERSEDED:
+            return []
         if self._state is not State.EVALUATING:
             raise LocalProtocolError(f"on_evaluated() in state {self._state}")
         clash = sorted(set(metrics) & set(self._metrics))
@@ -418,7 +385,10 @@ class ReducerMachine:
         return self._finish(now, Input.EVALUATED_FINAL if final else Input.EVALUATED)
 
     def on_partials_missing(self, partials: Iterable[Digest], now: float) -> list[ReducerAction]:
-        """The blobs of ``partials`` could not be fetched: reduce without them, or re-plan."""
+        """The blobs of ``partials`` could not be fetched: reduce without them, or re-plan.
+        Ignored once superseded."""
+        if self._state is State.SUPERSEDED:
+            return []
         if self._state is not State.REDUCING:
             raise LocalProtocolError(f"on_partials_missing() in state {self._state}")
         missing = set(partials)
@@ -432,15 +402,44 @@ class ReducerMachine:
             now, Input.MISSING_SHORT, Input.MISSING_FAILED, "with fetchable partials"
         )
 
+    def on_plan(self, plan: RoundPlan, now: float) -> list[ReducerAction]:
+        """A plan another node published (the driver opened it). One of this session from a
+        higher term makes us step down; one from a lower term is ``stale-term``."""
+        reason = self._check_term(plan.federation, plan.session, plan.term, plan.reducer)
+        if reason is not None:
+            rejection = PlanRejection(reason.value)
+            return [
+                PlanRejected(
+                    term=plan.term, round=plan.round, amendment=plan.amendment, reason=rejection
+                )
+            ]
+        return self._supersede(plan.term, plan.reducer)
+
+    def on_result(self, result: RoundResult, now: float) -> list[ReducerAction]:
+        """A round result another node published: as :meth:`on_plan`."""
+        reason = self._check_term(result.federation, result.session, result.term, result.reducer)
+        if reason is not None:
+            return [ResultRejected(round=result.round, reason=reason)]
+        return self._supersede(result.term, result.reducer)
+
+    def on_session_ended(self, ended: SessionEnded, now: float) -> list[ReducerAction]:
+        """A session end another node published: as :meth:`on_plan`."""
+        reason = self._check_term(ended.federation, ended.session, ended.term, ended.reducer)
+        if reason is not None:
+            return [ResultRejected(round=ended.rounds, reason=reason)]
+        return self._supersede(ended.term, ended.reducer)
+
     def statistics(self) -> ReducerStatistics:
         return ReducerStatistics(
             state=self._state,
+            term=self.term,
             round=self._round,
             amendment=self._amendment,
             retries=self._retries,
             deadline=self.next_deadline(),
-            partials=len(self._partials),
-            covered=len(self._counted),
+            partials=len(self._tally.partials),
+            covered=self._tally.covered,
+            waiting=len(self._waiting),
             rejected=MappingProxyType(dict(self._rejected)),
         )
 
@@ -460,27 +459,73 @@ class ReducerMachine:
             return PartialRejection.STALE
         if partial.parent != plan.parent:
             return PartialRejection.WRONG_PARENT
-        combiner = peer_of(partial.combiner)
-        assigned = self._assigned.get(combiner)
-        if assigned is None:
-            return PartialRejection.NOT_ASSIGNED
-        previous = self._partials.get(combiner)
-        signers = {c.signer for c in partial.contributions}
-        if previous is not None and not (
-            {c.signer for c in previous.contributions} < signers
-            and set(previous.contributions) <= set(partial.contributions)
-        ):
-            return PartialRejection.DUPLICATE
-        if any(self._counted.get(s, combiner) != combiner for s in signers):
-            return PartialRejection.DOUBLE_COUNT
-        if any(peer_of(s) not in assigned for s in signers):
-            return PartialRejection.FOREIGN_CLIENT
+        return self._tally.check(partial)
+
+    def _check_term(
+        self, federation: str, session: str, term: int, reducer: PublicKey
+    ) -> ResultRejection | None:
+        """Whether another reducer's plan, result or session end is news: None for a newer term
+        (or the one already stepped down for, or our own)."""
+        if federation != self.federation or session != self.session:
+            return ResultRejection.OTHER_SESSION
+        newest, by = self._successor or (self.term, self.public_key)
+        if term < newest:
+            return ResultRejection.STALE_TERM
+        if term == newest and reducer != by:
+            return ResultRejection.WRONG_REDUCER
         return None
 
+    def _supersede(self, term: int, reducer: PublicKey) -> list[ReducerAction]:
+        if term <= (self._successor or (self.term, reducer))[0]:
+            return []  # our own, or the takeover we already stepped down for
+        self._successor = (term, reducer)
+        if self._state not in _RUNNING:
+            return []  # the session is over for us anyway
+        self._deadline, self._waiting = None, set()
+        stepped = SteppedDown(round=self._round, term=self.term, by_term=term, by=reducer)
+        return self._go(Input.SUPERSEDED, [stepped])
+
+    def _closable(self) -> bool:
+        tally = self._tally
+        return tally.complete and not self._waiting and tally.covered >= self.config.min_clients
+
+    def _move_waiting(self, now: float) -> list[ReducerAction]:
+        if self._state is not State.COLLECTING or not self._waiting:
+            return []
+        placed = self._tally.place(self._waiting, self._combiners.values())
+        if not placed:
+            return []
+        self._waiting -= placed
+        return self._go(Input.ORPHANS_MOVED, [self._amend(now)])
+
     def _new_plan(self, now: float) -> PublishPlan:
-        self._amendment += 1
+        """A fresh attempt: a new assignment and deadline, nothing counted."""
         created = wall_ms(now, self.wall_offset_ms)
-        assignments = assign_clients(self._clients, self._combiners.values())
+        previous = None if self._plan is None else Tree.from_assignments(self._plan.assignments)
+        if self._candidates is not None:
+            tree = build_tree(self._candidates.values(), previous, policy=self.election_policy)
+            assignments = tree.assignments()
+        else:
+            assignments = assign_by_election(
+                self._clients, self._combiners.values(), previous, policy=self.election_policy
+            )
+        self._tally.reset(assignments)
+        self._waiting.clear()
+        self._reducing = ()
+        return self._publish(created, assignments, created + self.config.round_deadline_ms)
+
+    def _amend(self, now: float) -> PublishPlan:
+        """The attempt in force with its orphans moved: what was counted stays counted."""
+        assert self._plan is not None
+        created = wall_ms(now, self.wall_offset_ms)
+        grace = math.ceil(self.config.round_deadline_ms * ORPHAN_GRACE)
+        deadline = max(self._plan.deadline_ms, created + grace)
+        return self._publish(created, self._tally.assignments(), deadline)
+
+    def _publish(
+        self, created: int, assignments: tuple[Assignment, ...], deadline_ms: int
+    ) -> PublishPlan:
+        self._amendment += 1
         plan = RoundPlan(
             federation=self.federation,
             session=self.session,
@@ -492,22 +537,18 @@ class ReducerMachine:
             holders=self._holders,
             assignments=assignments,
             min_clients=self.config.min_clients,
-            deadline_ms=created + self.config.round_deadline_ms,
+            deadline_ms=deadline_ms,
             config=self.config,
             reducer=self.public_key,
             created_ms=created,
         )
         self._plan = plan
         self._deadline = local_time(plan.deadline_ms, self.wall_offset_ms)
-        self._assigned = {a.combiner: frozenset(a.clients) for a in assignments}
-        self._partials.clear()
-        self._counted.clear()
-        self._lost.clear()
-        self._reducing = ()
         return PublishPlan(plan=plan)
 
     def _close(self) -> Reduce:
-        self._reducing = tuple(self._partials[c] for c in sorted(self._partials))
+        partials = self._tally.partials
+        self._reducing = tuple(partials[c] for c in sorted(partials))
         return self._reduce()
 
     def _reduce(self) -> Reduce:
@@ -517,7 +558,7 @@ class ReducerMachine:
         covered = (
             sum(len(p.contributions) for p in self._reducing)
             if self._state is State.REDUCING
-            else len(self._counted)
+            else self._tally.covered
         )
         if self._retries < self.config.max_retries:
             self._retries += 1
@@ -592,6 +633,7 @@ class ReducerMachine:
 
 
 __all__ = [
+    "ORPHAN_GRACE",
     "TRANSITIONS",
     "CombinerLost",
     "Evaluate",
@@ -608,6 +650,7 @@ __all__ = [
     "SessionCompleted",
     "SessionFailed",
     "State",
+    "SteppedDown",
     "describe_states",
     "describe_transitions",
 ]

@@ -105,7 +105,7 @@ class PlanRejection(enum.StrEnum):
 
     OTHER_SESSION = "other-session"  #: another federation, or another session than followed
     ENDED = "ended"  #: the session already ended
-    OLD_TERM = "old-term"  #: from an older reducer term than the newest seen
+    STALE_TERM = "stale-term"  #: from an older reducer term than the newest seen
     WRONG_REDUCER = "wrong-reducer"  #: another reducer already planned in this term
     DUPLICATE = "duplicate"  #: the plan already followed, delivered again
     STALE = "stale"  #: not newer, by (term, round, amendment), than the plan followed
@@ -115,6 +115,7 @@ class ResultRejection(enum.StrEnum):
     """Why a combiner or client ignored a round result or a session end."""
 
     OTHER_SESSION = "other-session"
+    STALE_TERM = "stale-term"  #: from an older reducer term than the newest seen
     UNKNOWN_TERM = "unknown-term"  #: from a term whose plans it never followed
     WRONG_REDUCER = "wrong-reducer"  #: not signed by the reducer that planned in that term
 
@@ -141,8 +142,10 @@ class PlanFollower:
     """The plans one combiner or client follows: the newest of one session, by
     ``(term, round, amendment)``, each term's reducer pinned by the first plan seen in it.
 
-    Which reducer may plan a term at all is the election's business (a later issue); until then
-    a term belongs to whoever planned in it first.
+    It remembers the highest reducer term seen (:attr:`term`): plans, results and session ends
+    of a lower term are ``stale-term``; a plan of a higher term replaces the plan in force (a new
+    reducer took over). Which reducer may plan a term at all is the election's business; here a
+    term belongs to whoever planned in it first.
     """
 
     __slots__ = ("_reducers", "ended", "federation", "plan", "session")
@@ -161,8 +164,8 @@ class PlanFollower:
             return PlanRejection.OTHER_SESSION
         if self.ended:
             return PlanRejection.ENDED
-        if self._reducers and plan.term < max(self._reducers):
-            return PlanRejection.OLD_TERM
+        if self.term is not None and plan.term < self.term:
+            return PlanRejection.STALE_TERM
         pinned = self._reducers.get(plan.term)
         if pinned is not None and pinned != plan.reducer:
             return PlanRejection.WRONG_REDUCER
@@ -172,6 +175,11 @@ class PlanFollower:
         if current is not None and _plan_key(plan) <= _plan_key(current):
             return PlanRejection.STALE
         return None
+
+    @property
+    def term(self) -> int | None:
+        """The highest reducer term of the plans followed, None before the first."""
+        return max(self._reducers) if self._reducers else None
 
     def follow(self, plan: RoundPlan) -> tuple[RoundPlan | None, bool]:
         """Adopt a checked plan. Returns (the previous plan, whether ``plan`` amends it: the same
@@ -188,9 +196,12 @@ class PlanFollower:
     def check_signed(
         self, federation: str, session: str, term: int, reducer: PublicKey
     ) -> ResultRejection | None:
-        """Whether a result or session end comes from the reducer of a term followed."""
+        """Whether a result or session end comes from the reducer of a term followed, and not
+        an older term than the newest."""
         if federation != self.federation or session != self.session:
             return ResultRejection.OTHER_SESSION
+        if self.term is not None and term < self.term:
+            return ResultRejection.STALE_TERM
         pinned = self._reducers.get(term)
         if pinned is None:
             return ResultRejection.UNKNOWN_TERM

@@ -18,8 +18,10 @@ from fednode.wire.messages import (
 )
 from fednode.wire.rounds import (
     Assignment,
+    BlobRef,
     RoundPlan,
     RoundResult,
+    SessionCheckpoint,
     SessionConfig,
     SessionEnded,
 )
@@ -47,6 +49,7 @@ __all__ = [
     "REGISTRY",
     "Assignment",
     "BlobHeader",
+    "BlobRef",
     "Contribution",
     "Digest",
     "Envelope",
@@ -65,6 +68,7 @@ __all__ = [
     "Role",
     "RoundPlan",
     "RoundResult",
+    "SessionCheckpoint",
     "SessionConfig",
     "SessionEnded",
     "SessionId",

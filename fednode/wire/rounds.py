@@ -4,8 +4,10 @@ federation's control topic.
 A :class:`RoundPlan` opens (or amends) a round: which global model to train from, which combiner
 each client reports to, and the deadline. A :class:`RoundResult` closes it: the new global model,
 the contributions it counts and the metrics. A :class:`SessionEnded` says the session completed or
-failed. The state machines that send and follow them are in ``fednode/protocol/`` (``reducer``,
-``combiner``, ``client``); the protocol is ``protocols/rounds.md``. Spec'd in
+failed. A :class:`SessionCheckpoint` is the reducer's signed record of what a successor needs to
+resume the session, re-published as its lease. The state machines that send and follow them are in
+``fednode/protocol/`` (``reducer``, ``combiner``, ``client``, ``leader``); the protocol is
+``protocols/rounds.md``. Spec'd in
 ``protocols/wire.md`` and ``protocols/messages.cddl``. No crypto, no trio, no libp2p.
 """
 
@@ -43,6 +45,11 @@ MAX_HOLDERS = 64
 #: cap: at 1,000 clients a sealed plan is about 56 KB and a sealed result about 95 KB.
 MAX_PLAN_CLIENTS = 4096
 MAX_REASON = 1024
+#: At most this many quorum members in a checkpoint: a sealed checkpoint at the cap (and 64
+#: holders) is about 18 KB, far below gossipsub's cap, however many peers take part.
+MAX_MEMBERS = 256
+#: A reducer lease of at most ten minutes.
+MAX_LEASE_MS = 600_000
 
 
 def _require(condition: bool, reason: str) -> None:
@@ -301,16 +308,81 @@ class SessionEnded:
         _require(self.created_ms >= 0, "created_ms must be non-negative")
 
 
+@record
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlobRef:
+    """A content-addressed blob named from a control message: its digest and size in bytes."""
+
+    digest: Digest
+    size: int
+
+    def __post_init__(self) -> None:
+        _require(self.size >= 0, "size must be non-negative")
+
+
+@message("session-checkpoint")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionCheckpoint:
+    """The reducer's signed record of what a successor needs to resume the session, and its lease.
+
+    ``round`` is the last round closed (0 before the first); ``model`` is the global model after
+    it (the initial model at round 0). The server optimiser's state travels as a blob, the
+    canonical encoding of a ``model`` message holding ``ServerOptimizer.state()``; ``optimizer``
+    is None when there is none to carry (plain FedAvg, or before the first round). ``members`` are
+    the peers whose majority a reducer must see to close rounds and a successor to take over
+    (``protocols/rounds.md``, "Reducer election"). The reducer re-publishes a fresh checkpoint
+    (a new ``created_ms``) every ``lease_ms / 3``: its lease runs ``lease_ms`` past each one.
+    """
+
+    federation: FederationId
+    session: SessionId
+    term: int
+    round: int  #: the last round closed, 0 before the first
+    model: Digest  #: the global model after ``round``
+    size: int  #: that blob's size in bytes
+    holders: tuple[PeerId, ...]  #: peers known to hold the model's blob
+    config: SessionConfig
+    optimizer: BlobRef | None  #: the server optimiser's state; None for plain FedAvg or round 0
+    members: tuple[PeerId, ...]  #: the quorum: sorted, each once
+    lease_ms: int  #: the lease runs this long after ``created_ms`` unless renewed
+    reducer: PublicKey
+    created_ms: int
+
+    def __post_init__(self) -> None:
+        _check_ids(self.federation, self.session)
+        _require(self.term >= 1, "term must be at least 1")
+        _require(0 <= self.round <= self.config.rounds, "round must be within 0..config.rounds")
+        _require(self.size >= 0, "size must be non-negative")
+        _require(len(self.holders) <= MAX_HOLDERS, f"at most {MAX_HOLDERS} holders")
+        _require(all(_is_peer_id(h) for h in self.holders), "holders must be base58 peer IDs")
+        stateless = self.config.server_optimizer == "fedavg" or self.round == 0
+        _require(
+            (self.optimizer is None) == stateless,
+            "optimizer state is carried exactly when a stateful optimiser has run a round",
+        )
+        _require(0 < len(self.members) <= MAX_MEMBERS, f"1 to {MAX_MEMBERS} members")
+        _require(all(_is_peer_id(m) for m in self.members), "members must be base58 peer IDs")
+        _require(
+            list(self.members) == sorted(set(self.members)), "members must be sorted, each once"
+        )
+        _require(0 < self.lease_ms <= MAX_LEASE_MS, f"lease_ms must be 1 to {MAX_LEASE_MS}")
+        _require(self.created_ms >= 0, "created_ms must be non-negative")
+
+
 __all__ = [
     "MAX_HOLDERS",
+    "MAX_LEASE_MS",
+    "MAX_MEMBERS",
     "MAX_PLAN_CLIENTS",
     "MAX_ROUND_DEADLINE_MS",
     "Aggregator",
     "Assignment",
+    "BlobRef",
     "PartitionScheme",
     "RoundPlan",
     "RoundResult",
     "ServerOptimizer",
+    "SessionCheckpoint",
     "SessionConfig",
     "SessionEnded",
     "SessionOutcome",

@@ -48,10 +48,13 @@ REDUCER_KEY = NodeKey(b"\x01" * 32)
 COMBINER_KEYS = sorted((NodeKey(bytes([0x10 + i]) * 32) for i in range(2)), key=lambda k: k.peer_id)
 CLIENT_KEYS = sorted((NodeKey(bytes([0x20 + i]) * 32) for i in range(4)), key=lambda k: k.peer_id)
 OUTSIDER_KEY = NodeKey(b"\x7f" * 32)
-REDUCER = REDUCER_KEY.peer_id
+SUCCESSOR_KEY = NodeKey(b"\x02" * 32)  # a reducer that takes a session over
+REDUCER, SUCCESSOR = REDUCER_KEY.peer_id, SUCCESSOR_KEY.peer_id
 C1, C2 = (k.peer_id for k in COMBINER_KEYS)
 K1, K2, K3, K4 = (k.peer_id for k in CLIENT_KEYS)
-KEY_OF = {k.peer_id: k for k in [REDUCER_KEY, *COMBINER_KEYS, *CLIENT_KEYS, OUTSIDER_KEY]}
+KEY_OF = {
+    k.peer_id: k for k in [REDUCER_KEY, SUCCESSOR_KEY, *COMBINER_KEYS, *CLIENT_KEYS, OUTSIDER_KEY]
+}
 D0 = digest(b"initial model")
 DEADLINE_S = 60.0
 #: How long the in-test push driver waits for an ack before it reports the push failed.
@@ -274,13 +277,21 @@ def blob_of(array: np.ndarray[Any, Any]) -> tuple[Digest, bytes]:
     return digest(data), data
 
 
+Hook = Callable[[PeerId, object], None]
+
+
 class Network:
-    """One reducer, the combiners and the clients, wired by hand.
+    """Reducers, combiners and clients, wired by hand.
 
     Control messages are sealed and opened for real (so every delivery checks signatures); blobs
-    live in one dict. A message travels as a queued delivery; ``drop`` decides, per
-    ``(kind, sender, receiver)``, whether it is lost. ``examples`` gives each client's weight;
-    client ``k`` trains to ``parent + value[k]`` so tests can check the arithmetic.
+    live in one dict, served by whichever listed holder is alive. A message travels as a queued
+    delivery; ``drop`` decides, per ``(kind, sender, receiver)``, whether it is lost, and nothing
+    reaches or leaves a dead peer (a push to one is reported failed after :data:`PUSH_TIMEOUT`).
+    ``examples`` gives each client's weight; client ``k`` trains to ``parent + 1 + index`` so
+    tests can check the arithmetic. Fetches take ``fetch_s`` and trainings ``train_s`` seconds of
+    the hand-stepped clock (0: at once). ``hook(who, action)`` sees every action before it is
+    carried out: a test kills peers there, at the phase it wants (:meth:`kill`); a peer killed
+    by its own action does not carry it out.
     """
 
     def __init__(
@@ -291,23 +302,21 @@ class Network:
         clients: Iterable[PeerId] = (K1, K2, K3, K4),
         examples: dict[PeerId, int] | None = None,
         drop: Callable[[str, PeerId, PeerId], bool] = lambda kind, src, dst: False,
+        fetch_s: float = 0.0,
+        train_s: float = 0.0,
+        hook: Hook | None = None,
     ) -> None:
         self.cfg = cfg
         self.drop = drop
+        self.fetch_s, self.train_s = fetch_s, train_s
+        self.hook = hook
         self.now = 0.0
         initial = np.zeros(3)
-        d0, data = blob_of(initial)
+        d0, _ = blob_of(initial)
         self.blobs: dict[Digest, np.ndarray[Any, Any]] = {d0: initial}
         self.initial = d0
-        self.reducer = re_.ReducerMachine(
-            config=cfg,
-            peer=REDUCER,
-            public_key=REDUCER_KEY.public_key,
-            federation=FED,
-            session=SESSION,
-            initial_model=d0,
-            initial_size=len(data),
-        )
+        self.reducers: dict[PeerId, re_.ReducerMachine] = {}
+        self.reducer = self._add_reducer(REDUCER_KEY, term=0, first_round=1, model=d0)
         caps = combiners if combiners is not None else {C1: 2, C2: 2}
         self.combiners = {
             p: co.CombinerMachine(peer=p, capacity=cap, federation=FED) for p, cap in caps.items()
@@ -317,6 +326,7 @@ class Network:
             for p in clients
         }
         self.examples = examples or {p: 10 * (i + 1) for i, p in enumerate(sorted(self.clients))}
+        self.dead: set[PeerId] = set()
         self.sums: dict[PeerId, tuple[np.ndarray[Any, Any], int]] = {}
         self.queue: deque[Callable[[], None]] = deque()
         self.later: list[tuple[float, int, Callable[[], None]]] = []  # driver timeouts
@@ -329,9 +339,23 @@ class Network:
     # --- driving ---
 
     def start(self) -> None:
-        loads_ = [CombinerLoad(peer=p, capacity=m.capacity) for p, m in self.combiners.items()]
-        self._reducer_actions(self.reducer.start(self.now, self.clients, loads_))
-        self.pump()
+        self._start(REDUCER)
+
+    def take_over(self, key: NodeKey, *, term: int, first_round: int, model: Digest) -> None:
+        """A reducer of ``term`` resumes the session at ``first_round`` from ``model``."""
+        self.reducer = self._add_reducer(key, term=term, first_round=first_round, model=model)
+        self._start(key.peer_id)
+
+    def kill(self, peer: PeerId, *, detect_after: float | None = 1.0) -> None:
+        """``peer`` stops. Unless ``detect_after`` is None, the live reducers' failure detectors
+        report it that many seconds later."""
+        self.dead.add(peer)
+        if detect_after is not None:
+            self._after(detect_after, lambda: self._detected(peer))
+
+    def revive(self, peer: PeerId) -> None:
+        """A killed reducer comes back, with the state it had."""
+        self.dead.discard(peer)
 
     def pump(self) -> None:
         while self.queue:
@@ -352,38 +376,102 @@ class Network:
         self._fire_timers()
         self.pump()
 
+    def _start(self, peer: PeerId) -> None:
+        live = [p for p in self.clients if p not in self.dead]
+        loads_ = [
+            CombinerLoad(peer=p, capacity=m.capacity)
+            for p, m in self.combiners.items()
+            if p not in self.dead
+        ]
+        self._reducer_actions(peer, self.reducers[peer].start(self.now, live, loads_))
+        self.pump()
+
+    def _add_reducer(
+        self, key: NodeKey, *, term: int, first_round: int, model: Digest
+    ) -> re_.ReducerMachine:
+        machine = re_.ReducerMachine(
+            config=self.cfg,
+            peer=key.peer_id,
+            public_key=key.public_key,
+            federation=FED,
+            session=SESSION,
+            initial_model=model,
+            initial_size=len(blob_of(self.blobs[model])[1]),
+            term=term,
+            first_round=first_round,
+        )
+        self.reducers[key.peer_id] = machine
+        return machine
+
+    def _detected(self, peer: PeerId) -> None:
+        for p, machine in self.reducers.items():
+            if p not in self.dead:
+                self._reducer_actions(p, machine.on_peer_dead(peer, self.now))
+
+    def _live(self, machines: dict[PeerId, Any]) -> list[tuple[PeerId, Any]]:
+        return [(p, m) for p, m in machines.items() if p not in self.dead]
+
     def _deadlines(self) -> list[tuple[str, float | None]]:
-        found: list[tuple[str, float | None]] = [("reducer", self.reducer.next_deadline())]
-        found += [("driver", self.later[0][0])] if self.later else []
-        found += [(p, m.next_deadline()) for p, m in self.combiners.items()]
-        found += [(p, m.next_deadline()) for p, m in self.clients.items()]
+        found: list[tuple[str, float | None]] = [("driver", self.later[0][0])] if self.later else []
+        for machines in (self.reducers, self.combiners, self.clients):
+            found += [(p, m.next_deadline()) for p, m in self._live(machines)]
         return found
 
     def _fire_timers(self) -> None:
         while self.later and self.later[0][0] <= self.now:
             heapq.heappop(self.later)[2]()
-        self._reducer_actions(self.reducer.on_timer(self.now))
-        for p, c in self.combiners.items():
+        for p, r in self._live(self.reducers):
+            self._reducer_actions(p, r.on_timer(self.now))
+        for p, c in self._live(self.combiners):
             self._combiner_actions(p, c.on_timer(self.now))
-        for p, k in self.clients.items():
+        for p, k in self._live(self.clients):
             self._client_actions(p, k.on_timer(self.now))
 
-    def _send(self, kind: str, src: PeerId, dst: PeerId, deliver: Callable[[], None]) -> bool:
-        if self.drop(kind, src, dst):
-            return False
-        self.queue.append(deliver)
-        return True
+    def _send(
+        self,
+        kind: str,
+        src: PeerId,
+        dst: PeerId,
+        deliver: Callable[[], None],
+        lost: Callable[[], None] | None = None,
+    ) -> None:
+        """Queue a delivery; ``lost`` runs instead if it is dropped or ``dst`` is dead by then."""
+        if self.drop(kind, src, dst) or src in self.dead:
+            if lost is not None:
+                lost()
+            return
+
+        def arrive() -> None:
+            if dst not in self.dead:
+                deliver()
+            elif lost is not None:
+                lost()
+
+        self.queue.append(arrive)
 
     def _after(self, delay: float, fire: Callable[[], None]) -> None:
         heapq.heappush(self.later, (self.now + delay, next(self._order), fire))
 
-    # --- reducer ---
+    def _acting(self, who: PeerId, action: object) -> bool:
+        """Log ``action`` and let the hook see it: whether ``who`` still carries it out."""
+        if who in self.dead:
+            return False
+        if self.hook is not None:
+            self.hook(who, action)
+        if who in self.dead:
+            return False
+        self.log.append((who, action))
+        return True
 
-    def _reducer_actions(self, actions: list[re_.ReducerAction]) -> None:
+    # --- reducers ---
+
+    def _reducer_actions(self, peer: PeerId, actions: list[re_.ReducerAction]) -> None:
+        machine, key = self.reducers[peer], KEY_OF[peer]
         for action in actions:
-            self.log.append((REDUCER, action))
+            if not self._acting(peer, action):
+                return
             if isinstance(action, re_.PublishPlan):
-                self._gossip("plan", seal_bytes(REDUCER_KEY, action.plan))
+                self._gossip("plan", peer, seal_bytes(key, action.plan))
             elif isinstance(action, re_.Reduce):
                 total = sum(p.total_weight for p in action.partials)
                 mean = sum(self.blobs[p.partial] * p.total_weight for p in action.partials) / total
@@ -392,23 +480,40 @@ class Network:
                 )
                 d, data = blob_of(new)
                 self.blobs[d] = new
-                reduced = self.reducer.on_reduced(d, len(data), {"loss": 0.5}, self.now)
-                self._reducer_actions(reduced)
+                reduced = machine.on_reduced(d, len(data), {"loss": 0.5}, self.now)
+                self._reducer_actions(peer, reduced)
             elif isinstance(action, re_.Evaluate):
                 metrics = {"eval_accuracy": float(action.round) / 10}
-                self._reducer_actions(self.reducer.on_evaluated(metrics, self.now))
+                self._reducer_actions(peer, machine.on_evaluated(metrics, self.now))
             elif isinstance(action, re_.PublishResult):
                 self.results.append(action.result)
-                self._gossip("result", seal_bytes(REDUCER_KEY, action.result))
+                self._gossip("result", peer, seal_bytes(key, action.result))
             elif isinstance(action, (re_.SessionCompleted, re_.SessionFailed)):
                 self.ended.append(action)
-                self._gossip("ended", seal_bytes(REDUCER_KEY, action.ended))
+                self._gossip("ended", peer, seal_bytes(key, action.ended))
 
-    def _gossip(self, kind: str, sealed: bytes) -> None:
+    def _gossip(self, kind: str, src: PeerId, sealed: bytes) -> None:
+        for p in self.reducers:
+            if p != src:
+                self._send(kind, src, p, lambda p=p: self._to_reducer_control(p, kind, sealed))
         for p in self.combiners:
-            self._send(kind, REDUCER, p, lambda p=p: self._to_combiner(p, kind, sealed))
+            self._send(kind, src, p, lambda p=p: self._to_combiner(p, kind, sealed))
         for p in self.clients:
-            self._send(kind, REDUCER, p, lambda p=p: self._to_client(p, kind, sealed))
+            self._send(kind, src, p, lambda p=p: self._to_client(p, kind, sealed))
+
+    def _to_reducer_control(self, peer: PeerId, kind: str, sealed: bytes) -> None:
+        machine = self.reducers[peer]
+        if kind == "plan":
+            actions = machine.on_plan(open_round_plan(sealed), self.now)
+        elif kind == "result":
+            actions = machine.on_result(open_round_result(sealed), self.now)
+        else:
+            actions = machine.on_session_ended(open_session_ended(sealed), self.now)
+        self._reducer_actions(peer, actions)
+
+    def _to_reducer(self, peer: PeerId, sealed: bytes) -> None:
+        made, _ = open_envelope(sealed, PartialAggregate)
+        self._reducer_actions(peer, self.reducers[peer].on_partial(made, self.now))
 
     # --- combiners ---
 
@@ -422,7 +527,8 @@ class Network:
 
     def _combiner_actions(self, peer: PeerId, actions: list[co.CombinerAction]) -> None:
         for action in actions:
-            self.log.append((peer, action))
+            if not self._acting(peer, action):
+                return
             if isinstance(action, co.ResetAccumulator):
                 self.sums[peer] = (np.zeros(3), 0)
             elif isinstance(action, co.Accumulate):
@@ -453,11 +559,8 @@ class Network:
                     nonce=Nonce(bytes(16)),
                 )
                 sealed = seal_bytes(KEY_OF[peer], made)
-                self._send("partial", peer, REDUCER, lambda sealed=sealed: self._to_reducer(sealed))
-
-    def _to_reducer(self, sealed: bytes) -> None:
-        made, _ = open_envelope(sealed, PartialAggregate)
-        self._reducer_actions(self.reducer.on_partial(made, self.now))
+                to = peer_of(action.reducer)
+                self._send("partial", peer, to, lambda s=sealed, to=to: self._to_reducer(to, s))
 
     # --- clients ---
 
@@ -471,54 +574,68 @@ class Network:
             ended = open_session_ended(sealed)
             self._client_actions(peer, machine.on_session_ended(ended, self.now))
 
+    def _client_call(self, peer: PeerId, call: Callable[[cl.ClientMachine], Any]) -> None:
+        """Report to a client's machine (if it is still alive) and carry out what it says."""
+        if peer not in self.dead:
+            self._client_actions(peer, call(self.clients[peer]))
+
+    def _in(self, delay: float, fire: Callable[[], None]) -> None:
+        if delay > 0:
+            self._after(delay, fire)
+        else:
+            self.queue.append(fire)
+
     def _client_actions(self, peer: PeerId, actions: list[cl.ClientAction]) -> None:
-        machine = self.clients[peer]
         for action in actions:
-            self.log.append((peer, action))
+            if not self._acting(peer, action):
+                return
             if isinstance(action, cl.FetchModel):
-                model = action.model
-                if model in self.blobs:
-                    fetched = lambda m=machine, d=model: m.on_model_fetched(d, self.now)  # noqa: E731
-                    self.queue.append(lambda f=fetched: self._client_actions(peer, f()))
-                else:
-                    self._client_actions(peer, machine.on_fetch_failed(model, self.now))
+                self._in(self.fetch_s, lambda a=action: self._fetched(peer, a))
             elif isinstance(action, cl.Train):
                 self.trained[peer] = self.trained.get(peer, 0) + 1
-                value = self.blobs[action.parent] + 1.0 + sorted(self.clients).index(peer)
-                d, data = blob_of(value)
-                self.blobs[d] = value
-                n = len(data)
-                self.queue.append(
-                    lambda m=machine, job=action, d=d, n=n: self._client_actions(
-                        peer,
-                        m.on_trained(
-                            job,
-                            update=d,
-                            size=n,
-                            num_examples=self.examples[peer],
-                            metrics={"loss": 1.0},
-                            nonce=Nonce(bytes(16)),
-                            now=self.now,
-                        ),
-                    )
-                )
+                self._in(self.train_s, lambda job=action: self._trained(peer, job))
             elif isinstance(action, cl.PushUpdate):
                 sealed = seal_bytes(KEY_OF[peer], action.update)
-                sent = self._send(
+                made, to = action.update, action.combiner
+                self._send(
                     "update",
                     peer,
-                    action.combiner,
-                    lambda c=action.combiner, s=sealed: self._push(peer, c, s),
+                    to,
+                    lambda to=to, s=sealed: self._push(peer, to, s),
+                    lost=lambda made=made: self._no_ack(peer, made),
                 )
-                if not sent:
-                    self._no_ack(peer, action.update)
+
+    def _fetched(self, peer: PeerId, action: cl.FetchModel) -> None:
+        """The fetch ends: served by the first listed holder alive then, or failed."""
+        served = action.model in self.blobs and any(h not in self.dead for h in action.holders)
+        model = action.model
+        if served:
+            self._client_call(peer, lambda m: m.on_model_fetched(model, self.now))
+        else:
+            self._client_call(peer, lambda m: m.on_fetch_failed(model, self.now))
+
+    def _trained(self, peer: PeerId, job: cl.Train) -> None:
+        value = self.blobs[job.parent] + 1.0 + sorted(self.clients).index(peer)
+        d, data = blob_of(value)
+        self.blobs[d] = value
+        self._client_call(
+            peer,
+            lambda m: m.on_trained(
+                job,
+                update=d,
+                size=len(data),
+                num_examples=self.examples[peer],
+                metrics={"loss": 1.0},
+                nonce=Nonce(bytes(16)),
+                now=self.now,
+            ),
+        )
 
     def _no_ack(self, client: PeerId, made: ModelUpdate) -> None:
         """The push driver hears nothing back: after its timeout it reports the push failed."""
-        machine = self.clients[client]
         self._after(
             PUSH_TIMEOUT,
-            lambda: self._client_actions(client, machine.on_push_failed(made.update, self.now)),
+            lambda: self._client_call(client, lambda m: m.on_push_failed(made.update, self.now)),
         )
 
     def _push(self, client: PeerId, combiner: PeerId, sealed: bytes) -> None:
@@ -526,8 +643,7 @@ class Network:
         made, envelope = open_envelope(sealed, ModelUpdate)
         machine = self.combiners[combiner]
         verdict = machine.admit(made, peer_of(envelope.signer), self.now)
-        reply: Callable[[], list[cl.ClientAction]]
-        me = self.clients[client]
+        reply: Callable[[cl.ClientMachine], list[cl.ClientAction]]
         if verdict is None or verdict is co.UpdateRejection.HAVE:
             if verdict is None:
                 actions = machine.on_update_stored(made, self.now)
@@ -535,16 +651,21 @@ class Network:
                 refused = [a for a in actions if isinstance(a, co.UpdateRejected)]
                 if refused:
                     reason = str(refused[0].reason)
-                    reply = lambda: me.on_push_refused(made.update, reason, self.now)  # noqa: E731
+                    reply = lambda m: m.on_push_refused(made.update, reason, self.now)  # noqa: E731
                 else:
-                    reply = lambda: me.on_push_acked(made.update, self.now)  # noqa: E731
+                    reply = lambda m: m.on_push_acked(made.update, self.now)  # noqa: E731
             else:
-                reply = lambda: me.on_push_acked(made.update, self.now)  # noqa: E731
+                reply = lambda m: m.on_push_acked(made.update, self.now)  # noqa: E731
         else:
             reason = str(verdict)
-            reply = lambda: me.on_push_refused(made.update, reason, self.now)  # noqa: E731
-        if not self._send("ack", combiner, client, lambda: self._client_actions(client, reply())):
-            self._no_ack(client, made)
+            reply = lambda m: m.on_push_refused(made.update, reason, self.now)  # noqa: E731
+        self._send(
+            "ack",
+            combiner,
+            client,
+            lambda: self._client_call(client, reply),
+            lost=lambda: self._no_ack(client, made),
+        )
 
     # --- reading the log ---
 

@@ -199,20 +199,30 @@ def _scenarios() -> dict[tuple[State, Input], Scenario]:
         (S.TRAINING, I_.TRAIN_FAILED): on(training, lambda c: c.on_train_failed(job_of(c), 2.0)),
         (S.PUSHING, I_.ACKED): on(pushing, lambda c: c.on_push_acked(BLOB, 3.0)),
         (S.PUSHING, I_.PUSH_FAILED): on(pushing, lambda c: c.on_push_failed(BLOB, 3.0)),
-        (S.PUSHING, I_.REFUSED): on(
-            pushing, lambda c: c.on_push_refused(BLOB, "not-assigned", 3.0)
-        ),
+        (S.PUSHING, I_.REFUSED): on(pushing, lambda c: c.on_push_refused(BLOB, "duplicate", 3.0)),
         (S.PUSHING, I_.RETRY): on(lambda: _failed_push(pushing()), lambda c: c.on_timer(3.5)),
         (S.PUSHING, I_.DEADLINE): on(
             lambda: _failed_push(pushing()), lambda c: c.on_timer(DEADLINE_S)
         ),
     }
+    # A new reducer (term 1) resumes at round 1, whose update we kept while round 2 ran
+    resume = plan(term=1, created_ms=80_000)
+    rows[S.IDLE, I_.RESUMED] = on(
+        kept_round1(lambda c, _: _out_of(c, new_out)), lambda c: c.on_plan(resume, 80.0)
+    )
     for state, build in builders.items():
         for inp, act in plan_rows.items():
             rows[state, inp] = on(build, act)
+        rows[state, I_.RESUMED] = on(kept_round1(build), lambda c: c.on_plan(resume, 80.0))
         rows[state, I_.RESULT] = on(build, lambda c: c.on_result(mine(c) if c._kept else r1, 9))
         rows[state, I_.OLD_RESULT] = on(kept_round1(build), lambda c: c.on_result(r1, 75.0))
     return rows
+
+
+def _out_of(c: ClientMachine, p: Any) -> ClientMachine:
+    c.on_plan(p, 70.0)
+    assert c.state is State.IDLE
+    return c
 
 
 def _failed_fetch(c: ClientMachine) -> ClientMachine:

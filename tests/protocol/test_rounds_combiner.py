@@ -476,7 +476,7 @@ def test_an_older_plan_is_stale_and_an_older_term_is_ignored() -> None:
     c.on_plan(plan(term=1, round=2, parent=D1), 0.0)
     # Execute / Assert
     assert c.on_plan(plan(term=1, round=1), 1.0)[0].reason is PlanRejection.STALE
-    assert c.on_plan(plan(term=0, round=3), 1.0)[0].reason is PlanRejection.OLD_TERM
+    assert c.on_plan(plan(term=0, round=3), 1.0)[0].reason is PlanRejection.STALE_TERM
 
 
 def test_another_reducer_in_the_same_term_is_ignored_and_a_newer_term_is_followed() -> None:

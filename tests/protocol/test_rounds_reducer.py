@@ -27,6 +27,7 @@ from rounds_kit import (
     kinds,
     loads,
     partial,
+    plan,
     reducer,
     replace,
 )
@@ -34,6 +35,7 @@ from rounds_kit import (
 from fednode.crypto import NodeKey, contributions_digest, digest
 from fednode.errors import ConfigError, LocalProtocolError
 from fednode.protocol import reducer as mod
+from fednode.protocol.election import Candidate
 from fednode.protocol.reducer import (
     TRANSITIONS,
     CombinerLost,
@@ -132,9 +134,35 @@ def _scenarios() -> dict[tuple[State, Input], Scenario]:
 
         return build
 
-    def combiner_dead() -> Any:
+    def combiner_dead(capacity: int) -> Scenario:
+        def build() -> Any:
+            r = reducer()
+            r.start(0.0, CLIENTS, loads(capacity))
+            return r, lambda: r.on_peer_dead(C1, 5.0)
+
+        return build
+
+    def combiner_dead_last() -> Any:
+        # C2's partial is in; C1's clients died, then C1: nobody left to wait for
         r = started()
+        r.on_partial(part(r, C2), 1.0)
+        assert r.plan is not None
+        for client in r.plan.clients_of(C1):
+            r.on_peer_dead(client, 2.0)
         return r, lambda: r.on_peer_dead(C1, 5.0)
+
+    def orphans_moved() -> Any:
+        r = started()
+        r.on_peer_dead(C1, 5.0)  # C2 is full: C1's clients wait
+        newcomer = CombinerLoad(peer=OUTSIDER_KEY.peer_id, capacity=2)
+        return r, lambda: r.on_peers(CLIENTS, [*loads(2, C2), newcomer], 6.0)
+
+    def superseded(build: Callable[[], ReducerMachine]) -> Scenario:
+        def scenario() -> Any:
+            r = build()
+            return r, lambda: r.on_plan(plan(term=1, key=OUTSIDER_KEY), 5.0)
+
+        return scenario
 
     def reduced(**cfg: Any) -> Scenario:
         def build() -> Any:
@@ -164,7 +192,10 @@ def _scenarios() -> dict[tuple[State, Input], Scenario]:
         (S.COLLECTING, I_.DEADLINE): deadline(2),
         (S.COLLECTING, I_.DEADLINE_SHORT): deadline(1),
         (S.COLLECTING, I_.DEADLINE_FAILED): deadline(1, max_retries=0),
-        (S.COLLECTING, I_.COMBINER_DEAD): combiner_dead,
+        (S.COLLECTING, I_.COMBINER_DEAD): combiner_dead(4),
+        (S.COLLECTING, I_.COMBINER_DEAD_STUCK): combiner_dead(2),
+        (S.COLLECTING, I_.COMBINER_DEAD_LAST): combiner_dead_last,
+        (S.COLLECTING, I_.ORPHANS_MOVED): orphans_moved,
         (S.REDUCING, I_.REDUCED): reduced(),
         (S.REDUCING, I_.REDUCED_EVAL): reduced(eval_every=1),
         (S.REDUCING, I_.REDUCED_FINAL): reduced(rounds=1),
@@ -173,6 +204,10 @@ def _scenarios() -> dict[tuple[State, Input], Scenario]:
         (S.REDUCING, I_.MISSING_FAILED): missing_(min_clients=3, max_retries=0),
         (S.EVALUATING, I_.EVALUATED): evaluated(),
         (S.EVALUATING, I_.EVALUATED_FINAL): evaluated(rounds=1),
+        (S.IDLE, I_.SUPERSEDED): superseded(reducer),
+        (S.COLLECTING, I_.SUPERSEDED): superseded(started),
+        (S.REDUCING, I_.SUPERSEDED): superseded(reducing),
+        (S.EVALUATING, I_.SUPERSEDED): superseded(evaluating),
     }
 
 
@@ -203,20 +238,22 @@ def test_transition(row: tuple[State, Input], taken: list[tuple[str, str]]) -> N
 # ------------------------------------------------------------------------- planning
 
 
-def test_start_publishes_a_plan_least_loaded_first() -> None:
+def test_start_publishes_a_plan_elected_by_load() -> None:
     # Prepare
     r = reducer(config(), holders=(K4,))
     # Execute
     (action,) = r.start(
         10.0, CLIENTS, [CombinerLoad(peer=C1, capacity=3, attached=2), *loads(2, C2)]
     )
-    # Assert: C2 has 2 spare, C1 1; clients in peer-ID order go to the most spare (ties: C1)
+    # Assert: C2 has 2 spare, C1 1 (fednode.protocol.election fills each to its room); the
+    # clients in peer-ID order take the places, K4 (the highest peer ID) is left out
     assert isinstance(action, PublishPlan)
     plan = action.plan
+    assert sorted(CLIENTS) == [K1, K2, K3, K4]
     assert plan.assignments == (
-        Assignment(combiner=C1, clients=(K2,)),
-        Assignment(combiner=C2, clients=(K1, K3)),
-    )  # K4 left out: no spare capacity anywhere
+        Assignment(combiner=C1, clients=(K1,)),
+        Assignment(combiner=C2, clients=(K2, K3)),
+    )
     assert (plan.federation, plan.session, plan.term, plan.round, plan.amendment) == (
         FED,
         SESSION,
@@ -594,14 +631,15 @@ def test_driver_reports_out_of_turn_are_local_errors() -> None:
 
 
 def test_a_dead_combiner_without_a_partial_is_reported_once() -> None:
-    # Prepare
+    # Prepare: C2 is full, so C1's clients wait for a combiner with room
     r = started()
     assert r.plan is not None
+    orphans = r.plan.clients_of(C1)
     # Execute
     first = r.on_peer_dead(C1, 5.0)
     again = r.on_peer_dead(C1, 6.0)
     # Assert
-    assert first == [CombinerLost(round=1, combiner=C1, clients=r.plan.clients_of(C1))]
+    assert first == [CombinerLost(round=1, combiner=C1, clients=orphans, waiting=orphans)]
     assert again == []
 
 
@@ -621,3 +659,27 @@ def test_a_dead_combiner_whose_partial_is_in_is_not_lost() -> None:
     r = started()
     r.on_partial(part(r, C1), 1.0)
     assert r.on_peer_dead(C1, 5.0) == []
+
+
+# ------------------------------------------------------------------------- election
+
+
+def test_candidates_elect_by_load_and_an_overloaded_combiner_sheds_clients() -> None:
+    # Prepare: two explicit combiners with room for every client; a retry re-plans the round
+    r = reducer(config(min_clients=4, max_retries=3))
+    healthy = [Candidate(peer=c, role="combiner", capacity=8) for c in (C1, C2)]
+    clients = [Candidate(peer=k, role="client") for k in CLIENTS]
+    (first,) = r.start(10.0, candidates=[*healthy, *clients])
+    assert isinstance(first, PublishPlan)
+    # Execute: C1 reports a saturated CPU; the deadline passes short and the round is re-planned
+    hot = Candidate(peer=C1, role="combiner", capacity=8, cpu=0.97)
+    r.on_candidates([hot, healthy[1], *clients])
+    retry = [a for a in r.on_timer(10.0 + DEADLINE_S) if isinstance(a, PublishPlan)]
+    steady = [a for a in r.on_timer(10.0 + 2 * DEADLINE_S) if isinstance(a, PublishPlan)]
+    # Assert
+    before = {a.combiner: len(a.clients) for a in first.plan.assignments}
+    after = {a.combiner: len(a.clients) for a in retry[0].plan.assignments}
+    assert before == {C1: 2, C2: 2}
+    assert after[C1] < before[C1] and sum(after.values()) == 4
+    again = {a.combiner: len(a.clients) for a in steady[0].plan.assignments}
+    assert again.get(C1, 0) <= after[C1]  # while it stays hot it does not get them back
