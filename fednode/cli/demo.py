@@ -81,6 +81,30 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="the nodes' heartbeat period: a peer silent for 3 periods is suspected, for 5 "
         "declared dead (default: 1)",
     )
+    parser.add_argument(
+        "--launcher",
+        choices=("fork", "exec"),
+        default="fork",
+        help="fork: every node is forked from one process that imported the node's modules, "
+        "torch and the task's data once (Linux; seconds faster); exec: every node is a fresh "
+        "`fednode start` (default: fork)",
+    )
+    parser.add_argument(
+        "--kill",
+        action="append",
+        default=[],
+        metavar="ROLE@ROUND[:PHASE]",
+        help="kill -9 a process of ROLE (client, combiner, reducer) when PHASE (plan, fetch, "
+        "train, push, partial, reduce; default push) of ROUND begins, to watch the federation "
+        "heal; repeatable. The JSON summary lists the events and each failure's heal time",
+    )
+    parser.add_argument(
+        "--standbys",
+        type=int,
+        metavar="N",
+        help="standby reducers that take over when the reducer dies (default: 1 with "
+        "--kill reducer@..., else 0)",
+    )
     # A test seam: run another program in place of `fednode start` (a stand-in node).
     parser.add_argument("--node-program", help=argparse.SUPPRESS)
     return parser
@@ -101,7 +125,11 @@ def run(args: argparse.Namespace) -> int:
         from fednode.errors import ConfigError
 
         raise ConfigError(f"task {args.task} has no DEFAULT_CONFIG: give --lr")
+    from fednode.scenario.kills import parse_kill
+
     config = DemoConfig(
+        kills=tuple(parse_kill(k) for k in args.kill),
+        standbys=args.standbys,
         clients=args.clients,
         combiners=args.combiners,
         rounds=args.rounds,
@@ -116,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         round_deadline=args.round_deadline,
         timeout=args.timeout,
         program=tuple(shlex.split(args.node_program)) if args.node_program else FEDNODE_START,
+        launcher=args.launcher,
     )
     temporary = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="fednode-demo-")) if temporary else args.data_dir
@@ -212,6 +241,14 @@ def _print_report(console: Console, result: DemoResult, reference: float | None)
     console.print()
     console.print(heading("rounds"))
     console.print(rounds_table(result.rounds))
+    if result.events:
+        console.print()
+        console.print(heading("failures and healing"))
+        for event in result.events:
+            details = "  ".join(f"{k} {v}" for k, v in event.items() if k not in ("t", "kind"))
+            console.print(f"{event['t']:>8.2f} s  {event['kind']:<14} {details}", highlight=False)
+        heals = ", ".join("-" if h is None else f"{h:.2f} s" for h in result.heal_seconds)
+        console.print(f"heal time (kill -> round completed): {heals}", highlight=False)
     console.print()
     console.print(summary(result, reference=reference, tolerance=REFERENCE_TOLERANCE))
 

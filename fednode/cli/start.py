@@ -113,6 +113,19 @@ def _add_reducer_flags(parser: argparse.ArgumentParser) -> None:
         "reducer", "Session settings; flags override the --session file's [session] table."
     )
     group.add_argument("--session", type=Path, metavar="FILE", help="a TOML file: [session]")
+    group.add_argument(
+        "--standby",
+        action="store_true",
+        help="a reducer that starts no session: it follows the federation's session and takes "
+        "over when its reducer dies (the session settings come from the reducer's checkpoints)",
+    )
+    group.add_argument(
+        "--lease",
+        type=float,
+        metavar="SECONDS",
+        help="the reducer's lease: a standby takes over this long after the reducer's last "
+        "checkpoint, once the reducer is dead (default: five heartbeat periods)",
+    )
     group.add_argument("--session-id", metavar="ID", help="the session's name (default: fresh)")
     group.add_argument("--rounds", type=int, metavar="R", help="training rounds (default 5)")
     group.add_argument(
@@ -208,8 +221,11 @@ def run(args: argparse.Namespace) -> int:
 
     import trio
 
+    from fednode.task.runner import preloaded
+
     config = config_from_args(args)
-    session = session_from_args(args) if config.role == "reducer" else None
+    standby = bool(getattr(args, "standby", False))
+    session = session_from_args(args) if config.role == "reducer" and not standby else None
     if args.wait_for is not None and args.wait_for < 1:
         from fednode.errors import ConfigError
 
@@ -220,9 +236,19 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("fednode.net").setLevel(logging.WARNING)
+    runner = _runner(config, session)
+    if standby and runner is None:  # a standby evaluates as soon as it takes over
+        from fednode.task import DEFAULT_TASK
+        from fednode.task.runner import TaskRunner
+
+        runner = TaskRunner(args.task or DEFAULT_TASK, mode="process")
     try:
-        code: int = trio.run(_serve, config, args, session)
+        if runner is not None and preloaded(runner.spec):
+            _fork_worker(runner)
+        code: int = trio.run(_serve, config, args, session, runner)
     finally:
+        if runner is not None:
+            runner.close()
         if os.environ.get("FEDNODE_LOG_MODULES"):
             loaded = sorted({name.split(".")[0] for name in sys.modules})
             print(f"fednode: modules loaded: {' '.join(loaded)}", file=sys.stderr, flush=True)
@@ -242,8 +268,21 @@ def _runner(config: NodeConfig, session: tuple[str, SessionConfig] | None) -> Ta
     return None
 
 
+def _fork_worker(runner: TaskRunner) -> None:
+    """Start the worker of a task this process already loaded (a node forked by the demo's
+    zygote) while the process has one thread, so that it is forked with the task in memory; a
+    failure is left for the warm-up to report."""
+    try:
+        runner.start()
+    except Exception:
+        pass
+
+
 async def _serve(
-    config: NodeConfig, args: argparse.Namespace, session: tuple[str, SessionConfig] | None
+    config: NodeConfig,
+    args: argparse.Namespace,
+    session: tuple[str, SessionConfig] | None,
+    runner: TaskRunner | None,
 ) -> int:
     import signal
     import sys
@@ -261,7 +300,6 @@ async def _serve(
     key, created = load_or_create_key(config.key_path)
     console = stdout_console()
     events = EventLog(sys.stdout if args.events else None)
-    runner = _runner(config, session)
     ctx: RoleContext | None = None
     code = 0
     try:
@@ -327,7 +365,10 @@ async def _warm_up(runner: TaskRunner, signals: AsyncIterator[int]) -> bool:
         nursery.start_soon(load)
         nursery.start_soon(until_signal)
     if warm:
-        log.info("task %s loaded in %.1f s", runner.spec, trio.current_time() - started)
+        elapsed = trio.current_time() - started
+        log.info(
+            "task %s loaded in %.1f s (worker %sed)", runner.spec, elapsed, runner.start_method
+        )
     return warm
 
 
@@ -349,20 +390,18 @@ async def _run_role(
     async def work(cancel: trio.CancelScope) -> None:
         nonlocal code
         if role == "reducer":
-            from fednode.node.reducer import ReducerDriver
+            from fednode.node.leader import ReducerSeat
 
-            assert session is not None
-            name, config = session
-            driver = ReducerDriver(
+            seat = ReducerSeat(
                 ctx,
-                config,
-                name,
+                session=session,
                 runner=runner,
                 wait_for=args.wait_for,
                 wait_for_combiners=args.wait_for_combiners,
+                lease=args.lease,
             )
-            ended = await driver.run()
-            if ended.outcome != "completed":
+            ended = await seat.run()
+            if ended is not None and ended.outcome != "completed":
                 code = exit_code_for(ProtocolError(ended.reason))
         elif role == "combiner":
             from fednode.node.combiner import CombinerDriver

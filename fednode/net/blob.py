@@ -34,8 +34,9 @@ writes of the blob in memory. The full scheme is in
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Generic, TypeVar, TypeVarTuple
 
@@ -602,6 +603,7 @@ class BlobServerStatistics:
     too_large: int
     busy: int
     failed: int
+    waited: int  #: requests that waited for an expected blob (then served or not found)
     active: int
     bytes_sent: int
 
@@ -612,6 +614,12 @@ class BlobServer:
     At most ``max_concurrent`` transfers run at once; further requests get ``busy``. ``timeout``
     bounds reading a request and sending the response; ``stall_timeout`` bounds each write while
     streaming, so a fetcher that stops reading is cut off (a slow one just makes us wait).
+
+    A request for a blob the node is about to hold (:meth:`expecting`: a fetch of it under way)
+    waits for it, up to ``expect_wait`` seconds, before it is answered ``not-found``: a round's
+    clients ask their combiner for the global model at the moment the combiner itself starts
+    fetching it, and waiting those few milliseconds beats a trip to another holder. Waiting
+    requests count against ``max_concurrent`` like transfers.
     """
 
     def __init__(
@@ -621,21 +629,48 @@ class BlobServer:
         max_concurrent: int = 8,
         timeout: float = 10.0,
         stall_timeout: float = 30.0,
+        expect_wait: float = 5.0,
     ) -> None:
         self.store = store
         self.max_concurrent = max_concurrent
         self.timeout = timeout
         self.stall_timeout = stall_timeout
+        self.expect_wait = expect_wait
         self._counts = dict.fromkeys(
-            ("requests", "served", "not_found", "too_large", "busy", "failed"), 0
+            ("requests", "served", "not_found", "too_large", "busy", "failed", "waited"), 0
         )
         self._active = 0
         self._bytes_sent = 0
+        self._expected: dict[Digest, tuple[int, trio.Event]] = {}
 
     def statistics(self) -> BlobServerStatistics:
         return BlobServerStatistics(
             **self._counts, active=self._active, bytes_sent=self._bytes_sent
         )
+
+    @contextlib.contextmanager
+    def expecting(self, digest: Digest) -> Iterator[None]:
+        """While inside, requests for ``digest`` not held yet wait for it (see the class
+        docstring); leaving wakes them, whether the blob came or not. Nests."""
+        count, arrived = self._expected.get(digest, (0, trio.Event()))
+        self._expected[digest] = (count + 1, arrived)
+        try:
+            yield
+        finally:
+            count, arrived = self._expected[digest]
+            if count > 1:
+                self._expected[digest] = (count - 1, arrived)
+            else:
+                del self._expected[digest]
+                arrived.set()
+
+    async def _wait_expected(self, key: Digest) -> None:
+        expected = self._expected.get(key)
+        if expected is None or self.store.has(key):
+            return
+        self._counts["waited"] += 1
+        with trio.move_on_after(self.expect_wait):
+            await expected[1].wait()
 
     async def handle(self, stream: Stream) -> None:
         """Serve one request on ``stream``; never raises for anything the peer does."""
@@ -670,6 +705,7 @@ class BlobServer:
 
     async def _stream_blob(self, stream: Stream, request: BlobRequest) -> None:
         key = request.digest
+        await self._wait_expected(key)
         try:
             size = self.store.size(key)
         except KeyError:
@@ -712,10 +748,16 @@ def serve_blobs(
     max_concurrent: int = 8,
     timeout: float = 10.0,
     stall_timeout: float = 30.0,
+    expect_wait: float = 5.0,
 ) -> BlobServer:
-    """Register a :class:`BlobServer` for ``store`` on ``host``; returns it (for statistics)."""
+    """Register a :class:`BlobServer` for ``store`` on ``host``; returns it (for statistics and
+    :meth:`~BlobServer.expecting`)."""
     server = BlobServer(
-        store, max_concurrent=max_concurrent, timeout=timeout, stall_timeout=stall_timeout
+        store,
+        max_concurrent=max_concurrent,
+        timeout=timeout,
+        stall_timeout=stall_timeout,
+        expect_wait=expect_wait,
     )
     host.set_stream_handler(BLOB_PROTOCOL, server.handle)
     return server

@@ -42,6 +42,10 @@ RECEIVE_SIZE = 1 << 20
 SEND_BUFFER = 2 << 20
 """Pooled send buffers hold batches up to this size (1 MiB of yamux frames and what queued up
 with them); a larger batch gets a buffer of its own."""
+SMALL_SEND = 256 << 10
+"""A batch needing at most this many bytes (control messages, gossip: most writes) gets a fresh
+buffer of its own size: cheaper than a 2 MiB one whenever concurrent writers have emptied the
+pool (a fresh 2 MiB buffer is mapped and zeroed page by page, then unmapped)."""
 
 _SOCKET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -75,7 +79,7 @@ class _BufferPool:
         self._free: list[bytearray] = []
 
     def take(self, size: int) -> bytearray:
-        if size > self.size:
+        if size > self.size or size <= SMALL_SEND:
             return bytearray(size)
         try:
             return self._free.pop()

@@ -3,9 +3,9 @@
 Plans, results and session ends come off the control topic, verified before the machine sees
 them. The machine's actions:
 
-- ``FetchModel``: fetch the round's global model from its holders, our combiner first
-  (:func:`fednode.net.blob.fetch_blob`; each chunk verified, the whole blob checked against its
-  digest), pinned in the node's blob store;
+- ``FetchModel``: fetch the round's global model from its holders, our combiner first, or for
+  a small model (:data:`DIRECT_FETCH_SIZE`) last (:func:`fednode.net.blob.fetch_blob`; each
+  chunk verified, the whole blob checked against its digest), pinned in the node's blob store;
 - ``Train``: train it on this client's share of the data in the :class:`TaskRunner` (``process``
   mode in ``fednode start``: the task runs in a warm worker process, the trio loop never waits on
   it), store the trained model and have the machine sign the update. Its metrics are the task's
@@ -64,6 +64,11 @@ RETRY_REFUSALS = frozenset({"early", "busy"})
 BACKOFF = (0.25, 2.0)
 #: Heartbeat periods a session end may wait for round results it overtook on gossip.
 END_GRACE = 4
+#: A global model at most this large is fetched from the plan's holders first, our combiner
+#: last: our combiner fetches it from them too, and going through it would put its transfer
+#: (and its hearing of the plan) before ours. Larger models come from the combiner first, so
+#: the reducer's upload is not shared by every client.
+DIRECT_FETCH_SIZE = 1 << 20
 
 
 def same_task(session_task: str, ours: str) -> bool:
@@ -265,12 +270,16 @@ class ClientDriver:
     async def _fetch(self, action: FetchModel, scope: trio.CancelScope) -> None:
         with scope:
             started = trio.current_time()
+            self.ctx.events.emit("fetch-started", round=action.round)
+            holders = action.holders  # our combiner, then the plan's holders (the reducer)
+            if action.size <= DIRECT_FETCH_SIZE and len(holders) > 1:
+                holders = (*holders[1:], holders[0])
             try:
-                for holder in action.holders[:2]:  # our combiner, then the reducer
+                for holder in action.holders[:2]:
                     await self.ctx.reach(holder)
                 await fetch_blob(
                     self.ctx.host,
-                    action.holders,
+                    holders,
                     action.model,
                     self.ctx.store,
                     max_size=action.size,
@@ -284,6 +293,7 @@ class ClientDriver:
             self._models.release_before(action.round)
             self._models.keep(action.round, action.model)
             self._fetch_seconds = {action.model: trio.current_time() - started}
+            self.ctx.events.emit("model-fetched", round=action.round)
             log.info(
                 "round %d: model fetched in %.2f s", action.round, self._fetch_seconds[action.model]
             )
@@ -388,4 +398,4 @@ class ClientDriver:
                 self._queue(self.machine.on_push_refused(update.update, result.reason, now))
 
 
-__all__ = ["RETRY_REFUSALS", "ClientDriver", "same_task"]
+__all__ = ["DIRECT_FETCH_SIZE", "RETRY_REFUSALS", "ClientDriver", "same_task"]

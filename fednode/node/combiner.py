@@ -361,6 +361,12 @@ class CombinerDriver:
         log.warning("the partial of round %d never reached the reducer", partial.round)
 
     async def _fetch_model(self, action: FetchModel, scope: trio.CancelScope) -> None:
+        # Our clients ask us for the model first, often while we fetch it: their requests wait
+        # for it rather than hearing "not found" and turning to the reducer.
+        with self.ctx.blobs.expecting(action.model):
+            await self._fetch_model_expected(action, scope)
+
+    async def _fetch_model_expected(self, action: FetchModel, scope: trio.CancelScope) -> None:
         store, wait = self.ctx.store, BACKOFF[0]
         started = trio.current_time()
         with scope:

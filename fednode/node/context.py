@@ -26,7 +26,7 @@ import trio
 
 from fednode.crypto import domain_of, open_envelope
 from fednode.errors import CryptoError, TransportError, WireError
-from fednode.net.blob import INLINE_IO, BlobServer, serve_blobs
+from fednode.net.blob import INLINE_IO, BlobServer, serve_blobs, sync_cost
 from fednode.net.blobstore import BlobStore
 from fednode.net.interface import Host
 from fednode.node.events import EventLog
@@ -211,8 +211,9 @@ async def run_blocking(cost: int, fn: Callable[..., Any], *args: Any) -> Any:
 async def put_model(
     store: BlobStore, params: Params, metrics: Mapping[str, float] | None = None, *, pin: bool
 ) -> tuple[Digest, int]:
-    """Encode and store a model blob; returns (digest, size). ``pin`` pins it once."""
-    size = sum(a.nbytes for a in params.values())
+    """Encode and store a model blob; returns (digest, size). ``pin`` pins it once. A durable
+    store's fsyncs run in a worker thread, whatever the size: the event loop never waits on one."""
+    size = sum(a.nbytes for a in params.values()) + sync_cost(store)
 
     def put() -> tuple[Digest, int]:
         data = encode_model(params, metrics)

@@ -10,12 +10,17 @@
    whose heartbeats say role
    ``client`` (or ``auto``), and role ``combiner`` (or ``auto``) with a capacity. Whom each plan
    assigns where is the machine's business (least-loaded first); the driver feeds it the eligible
-   peers, again on every membership change, and reports deaths.
+   peers, again on every membership change, and reports deaths. A later plan (the next round's,
+   or a re-plan of a round that fell short) that would hold fewer than ``min_clients`` clients or
+   no combiner first waits up to ``plan_wait`` for peers to come back: on a loaded machine the
+   failure detector declares live peers dead when their heartbeats run late, and they recover
+   as soon as one arrives.
 3. It pumps the machine: plans are sealed and gossiped on the control topic (and gossiped again
    every ``republish`` seconds with the latest result, so a peer that missed one catches up),
-   and sent straight to each assigned combiner over ``/fednode/control/1.0.0`` (gossip can
-   reach a peer outside the reducer's mesh a gossip heartbeat late, and the combiner must follow
-   the plan before its clients push);
+   and sent straight to each assigned combiner, and to each assigned client we hold a connection
+   to, over ``/fednode/control/1.0.0`` (gossip can reach a peer outside the reducer's mesh a
+   gossip heartbeat late, and the combiner must follow the plan before its clients push); gossip
+   goes out from a task of its own, in order, so a slow publish never holds the next plan back;
    combiners push their sealed partials and blobs over ``/fednode/partial/1.0.0``
    (:func:`fednode.net.push.serve_partials`), where :meth:`ReducerMachine.on_partial` decides
    before any blob byte flows; a partial whose push broke is fetched from its combiner over
@@ -41,7 +46,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +59,12 @@ from fednode.crypto import seal_bytes
 from fednode.errors import AggregationError, ConfigError, TransportError, WireError
 from fednode.net.blob import fetch_blob
 from fednode.net.push import PushServer, serve_partials
+from fednode.node.checkpoint import (
+    make_checkpoint,
+    members_of,
+    resume_from,
+    store_optimizer_state,
+)
 from fednode.node.context import (
     Params,
     RoleContext,
@@ -64,7 +75,8 @@ from fednode.node.context import (
     run_blocking,
 )
 from fednode.node.session import server_optimizer
-from fednode.protocol.membership import PeerDied, PeerState
+from fednode.protocol.election import Candidate, candidates_of
+from fednode.protocol.membership import PeerDied
 from fednode.protocol.reducer import (
     CombinerLost,
     Evaluate,
@@ -81,7 +93,16 @@ from fednode.protocol.reducer import (
 from fednode.protocol.rounds import CombinerLoad, peer_of
 from fednode.task import EvalConfig, load_task
 from fednode.task.runner import TaskRunner
-from fednode.wire import Digest, Envelope, PartialAggregate, PeerId, SessionConfig, SessionEnded
+from fednode.wire import (
+    Digest,
+    Envelope,
+    PartialAggregate,
+    PeerId,
+    RoundPlan,
+    SessionCheckpoint,
+    SessionConfig,
+    SessionEnded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +126,17 @@ class ReducerDriver:
         runner: evaluates global models (needed when ``config.eval_every`` > 0).
         wait_for: live clients to wait for before the first plan (default ``min_clients``).
         wait_for_combiners: live combiners to wait for (default 1).
+        term: our reducer term (:class:`~fednode.node.leader.ReducerSeat` hands it out).
+        resume: the checkpoint to resume the session from (a takeover), or None to start it.
+        lease_ms: the lease our checkpoints carry.
+        on_checkpoint_due: awaited once the session runs and after each round: the seat
+            publishes our checkpoint (:meth:`checkpoint`).
+        gate: awaited before each round closes: returns once we may close one (we lead, with
+            a majority in sight).
         republish: seconds between re-gossips of the plan in force (default: two heartbeats).
         linger: seconds to keep re-gossiping the session end before :meth:`run` returns.
+        plan_wait: the longest a plan waits for enough live peers (default: the failure
+            detector's time from a peer's last heartbeat to its death).
     """
 
     def __init__(
@@ -118,8 +148,14 @@ class ReducerDriver:
         runner: TaskRunner | None = None,
         wait_for: int | None = None,
         wait_for_combiners: int = 1,
+        term: int = 0,
+        resume: SessionCheckpoint | None = None,
+        lease_ms: int = 15_000,
+        on_checkpoint_due: Callable[[], Awaitable[None]] | None = None,
+        gate: Callable[[], Awaitable[None]] | None = None,
         republish: float | None = None,
         linger: float | None = None,
+        plan_wait: float | None = None,
     ) -> None:
         if runner is None and config.eval_every > 0:
             raise ConfigError("a session that evaluates needs a task runner at the reducer")
@@ -132,12 +168,33 @@ class ReducerDriver:
         interval = ctx.node.config.heartbeat_interval
         self.republish = 2 * interval if republish is None else republish
         self.linger = 2 * interval if linger is None else linger
+        detector = ctx.node.view.config
+        #: How long a plan waits for peers to come back (:meth:`wait_for_planning_peers`): the
+        #: failure detector's time from a last heartbeat to a death.
+        self.plan_wait = (
+            (detector.suspect_after_missed + detector.dead_after_missed) * interval
+            if plan_wait is None
+            else plan_wait
+        )
+        self.term = term
+        self.resume = resume
+        self.lease_ms = lease_ms
+        self.on_checkpoint_due = on_checkpoint_due
+        self.gate = gate
+        self._optimizer_ref = None if resume is None else resume.optimizer
+        #: (round, model, size, holders) the session starts or resumes from
+        self._start_point: tuple[int, Digest, int, tuple[PeerId, ...]] | None = (
+            None if resume is None else (resume.round, resume.model, resume.size, resume.holders)
+        )
         self.machine: ReducerMachine | None = None
         self.ended: SessionEnded | None = None
         self.results_dir = ctx.node.config.data_dir / "sessions" / _SAFE.sub("_", session)
         self._optimizer = server_optimizer(config)
         self._params: dict[Digest, Params] = {}  # the global model, and a new one being made
         self._send, self._actions = trio.open_memory_channel[ReducerAction](math.inf)
+        # Gossip goes out in order from a task of its own: a publish can wait (libp2p's queues,
+        # our pacing), and the next plan's direct sends must not wait behind it.
+        self._gossip_send, self._gossip = trio.open_memory_channel[bytes](math.inf)
         self._changed = trio.Event()
         self._peers_changed = trio.Event()
         self._done = trio.Event()
@@ -157,9 +214,22 @@ class ReducerDriver:
     async def run(self) -> SessionEnded:
         """Run the session to its end; returns the signed outcome (completed or failed)."""
         ctx = self.ctx
-        params = await trio.to_thread.run_sync(self._initial_params)
+        resume = self.resume
+        params = None
+        if resume is None or resume.round == 0:  # the initial model: made here, no fetch
+            params = await trio.to_thread.run_sync(self._initial_params)
+            if resume is not None and not await self._is(params, resume):
+                params = None
+        if params is None:
+            assert resume is not None
+            params = await resume_from(ctx, resume, self._optimizer)
         model, size = await put_model(ctx.store, params, pin=True)
         self._params[model] = params
+        first_round = 1 if resume is None else resume.round + 1
+        holders = () if resume is None else resume.holders
+        self._start_point = (first_round - 1, model, size, (ctx.peer, *holders))
+        if self.on_checkpoint_due is not None:
+            await self.on_checkpoint_due()  # our lease, from the start
         self.partial_server = serve_partials(
             ctx.host,
             ctx.store,
@@ -173,7 +243,7 @@ class ReducerDriver:
             self._nursery = nursery
             if self.runner is not None and self.config.eval_every > 0:
                 nursery.start_soon(self._warm_up, self.runner)
-            clients, combiners = await self._wait_for_peers()
+            await self._wait_for_peers()
             self.machine = ReducerMachine(
                 config=self.config,
                 peer=ctx.peer,
@@ -182,9 +252,12 @@ class ReducerDriver:
                 session=self.session,
                 initial_model=model,
                 initial_size=size,
+                term=self.term,
+                holders=holders,
+                first_round=first_round,
                 wall_offset_ms=ctx.wall_offset_ms,
             )
-            actions = self.machine.start(trio.current_time(), clients, combiners)
+            actions = self.machine.start(trio.current_time(), candidates=self._candidates())
             plan = self.machine.plan
             assert plan is not None
             ctx.events.emit(
@@ -202,6 +275,7 @@ class ReducerDriver:
                 len(plan.assignments),
             )
             self._queue(actions)
+            nursery.start_soon(self._gossip_out)
             nursery.start_soon(self._dispatch)
             nursery.start_soon(self._run_timers)
             await self._done.wait()
@@ -209,6 +283,31 @@ class ReducerDriver:
             nursery.cancel_scope.cancel()
         assert self.ended is not None
         return self.ended
+
+    def checkpoint(self, now: float) -> SessionCheckpoint | None:
+        """Our checkpoint now (None before the session runs): what a successor resumes from."""
+        machine = self.machine
+        progress = self._start_point if machine is None else machine.progress
+        if progress is None:
+            return None
+        plan = None if machine is None else machine.plan
+        plan_peers = [] if plan is None else [p for a in plan.assignments for p in a.clients]
+        return make_checkpoint(
+            self.ctx,
+            config=self.config,
+            session=self.session,
+            term=self.term,
+            progress=progress,
+            optimizer=self._optimizer_ref,
+            members=members_of(self.ctx, plan_peers),
+            lease_ms=self.lease_ms,
+            now=now,
+        )
+
+    async def _is(self, params: Params, resume: SessionCheckpoint) -> bool:
+        """Whether ``params`` are the model ``resume`` names (by digest)."""
+        model, _ = await put_model(self.ctx.store, params, pin=False)
+        return model == resume.model
 
     def _initial_params(self) -> Params:
         return load_task(self.config.task).initial_params(self.config.seed)
@@ -222,21 +321,22 @@ class ReducerDriver:
         except Exception as exc:  # the task's own failure: evaluations will report it again
             log.warning("the evaluation task did not start: %s", exc)
 
+    def _candidates(self) -> tuple[Candidate, ...]:
+        """The live members as the election sees them (load, CPU, bandwidth, RTT, region). A
+        suspect peer is most likely slow, not gone: only the detector's "dead" excludes. Nodes
+        of role ``auto`` take no part until their runtime serves both roles."""
+        members = [m for m in self.ctx.node.view.members() if m.role != "auto"]
+        return candidates_of(members, session=self.session, exclude=[self.ctx.peer])
+
     def _eligible(self) -> tuple[list[PeerId], list[CombinerLoad]]:
         clients: list[PeerId] = []
         combiners: list[CombinerLoad] = []
-        for member in self.ctx.node.view.members():
-            # A suspect peer is most likely slow, not gone: only the detector's "dead" excludes.
-            if member.state not in (PeerState.ALIVE, PeerState.SUSPECT):
-                continue
-            if member.role in ("client", "auto"):
-                clients.append(member.peer)
-            if member.role in ("combiner", "auto") and member.capacity > 0:
-                # Our own plan's clients are not another session's load on it.
-                ours = member.heartbeat.session in ("", self.session)
-                attached = 0 if ours else member.attached
+        for c in self._candidates():
+            if c.has_data:
+                clients.append(c.peer)
+            if c.stands:
                 combiners.append(
-                    CombinerLoad(peer=member.peer, capacity=member.capacity, attached=attached)
+                    CombinerLoad(peer=c.peer, capacity=c.capacity, attached=c.attached)
                 )
         return clients, combiners
 
@@ -257,14 +357,41 @@ class ReducerDriver:
                 logged = True
             await self._peers_changed.wait()
 
+    def short_of_peers(self) -> bool:
+        """Whether a plan made now would hold fewer clients than ``min_clients``, or no
+        combiner: it could only fall short."""
+        clients, combiners = self._eligible()
+        return len(clients) < self.config.min_clients or not combiners
+
+    async def wait_for_planning_peers(self) -> None:
+        """Before the machine plans (the next round, or a re-plan), wait up to
+        :attr:`plan_wait` while :meth:`short_of_peers`. A peer the failure detector declared
+        dead because its heartbeats were late (a loaded machine) is back within that; a plan
+        made without it could not reach ``min_clients`` and would stand, unfinishable, until
+        its deadline. Returns at once when enough peers are eligible."""
+        if not self.short_of_peers():
+            return
+        started = trio.current_time()
+        log.info("waiting up to %.1f s for enough live peers to plan with", self.plan_wait)
+        with trio.move_on_after(self.plan_wait):
+            while self.short_of_peers():
+                await self._peers_changed.wait()
+        clients, combiners = self._eligible()
+        log.info(
+            "planning after %.2f s, with %d client(s) and %d combiner(s) alive",
+            trio.current_time() - started,
+            len(clients),
+            len(combiners),
+        )
+
     def _on_membership(self, events: Sequence[object]) -> None:
         self._peers_changed.set()
         self._peers_changed = trio.Event()
         machine = self.machine
         if machine is None:
             return
-        machine.on_peers(*self._eligible())
         now = trio.current_time()
+        self._queue(machine.on_candidates(self._candidates(), now))  # may move orphans
         for event in events:
             if isinstance(event, PeerDied):
                 self._queue(machine.on_peer_dead(event.peer, now))
@@ -280,6 +407,14 @@ class ReducerDriver:
         next_republish = trio.current_time() + self.republish
         while True:
             now = trio.current_time()
+            deadline = machine.next_deadline()
+            if (
+                deadline is not None
+                and now >= deadline
+                and machine.statistics().covered < self.config.min_clients
+            ):
+                await self.wait_for_planning_peers()  # the attempt fell short: a re-plan follows
+                now = trio.current_time()
             self._queue(machine.on_timer(now))
             if now >= next_republish:
                 next_republish = now + self.republish
@@ -294,10 +429,14 @@ class ReducerDriver:
         machine = self.machine
         if machine is None or machine.next_deadline() is None:
             return
-        machine.on_peers(*self._eligible())  # loads change without membership events
+        machine.on_candidates(self._candidates())  # loads change without membership events
         for sealed in (self._sealed_result, self._sealed_plan):
             if sealed is not None:
                 await self.ctx.publish(sealed)
+
+    async def _gossip_out(self) -> None:
+        async for sealed in self._gossip:
+            await self.ctx.publish(sealed)
 
     async def _linger(self) -> None:
         """Gossip the last result and the session end a few more times, then let go."""
@@ -360,11 +499,16 @@ class ReducerDriver:
                 sum(len(a.clients) for a in plan.assignments),
                 len(plan.assignments),
             )
-            for assignment in plan.assignments:
-                # Straight to the combiners too: gossip can reach a peer outside the mesh a
-                # heartbeat late, and its clients' pushes would meet "early" meanwhile.
-                nursery.start_soon(self._tell, assignment.combiner, self._sealed_plan)
-            await self.ctx.publish(self._sealed_plan)
+            self.ctx.events.emit(
+                "round-planned",
+                round=plan.round,
+                amendment=plan.amendment,
+                term=plan.term,
+                clients=sum(len(a.clients) for a in plan.assignments),
+                combiners=len(plan.assignments),
+            )
+            self._deliver(plan, self._sealed_plan)
+            self._gossip_send.send_nowait(self._sealed_plan)
         elif isinstance(action, FetchPartial):
             self._fetched[action.partial] = trio.Event()
             nursery.start_soon(self._fetch_partial, action)
@@ -372,6 +516,9 @@ class ReducerDriver:
             clock = self._clocks.get(action.round)
             if clock is not None and clock.closed is None:
                 clock.closed = now
+                self.ctx.events.emit(
+                    "round-closed", round=action.round, partials=len(action.partials)
+                )
             nursery.start_soon(self._reduce, action)
         elif isinstance(action, Evaluate):
             nursery.start_soon(self._evaluate, action)
@@ -379,19 +526,42 @@ class ReducerDriver:
             await self._publish_result(action, now)
         elif isinstance(action, CombinerLost):
             log.warning(
-                "round %d: combiner %s died; %d client(s) go uncounted",
+                "round %d: combiner %s died; %d client(s) of it to re-plan",
                 action.round,
                 action.combiner,
                 len(action.clients),
+            )
+            self.ctx.events.emit(
+                "combiner-lost",
+                round=action.round,
+                combiner=action.combiner,
+                orphans=len(action.clients),
             )
         elif isinstance(action, SessionCompleted | SessionFailed):
             await self._end(action)
         elif isinstance(action, PartialRejected):  # pragma: no cover - returned by admit
             log.info("partial rejected: %s", action.reason)
 
-    async def _tell(self, peer: PeerId, sealed: bytes) -> None:
+    def _deliver(self, plan: RoundPlan, sealed: bytes) -> None:
+        """Send a plan straight to its combiners (dialling them if need be) and to the clients
+        we hold a connection to, besides gossip: gossip can reach a peer outside our mesh a
+        gossip heartbeat late, and a client's fetch, training and push, and its combiner's
+        acceptance of that push, all wait on the plan. (Combiners forward it to their clients
+        too; a second copy is dropped as a duplicate.)"""
+        nursery = self._nursery
+        assert nursery is not None
+        connected = set(self.ctx.host.connected_peers())
+        for assignment in plan.assignments:
+            nursery.start_soon(self._tell, assignment.combiner, sealed, True)
+        for assignment in plan.assignments:
+            for client in assignment.clients:
+                if client in connected:
+                    nursery.start_soon(self._tell, client, sealed, False)
+
+    async def _tell(self, peer: PeerId, sealed: bytes, dial: bool) -> None:
         try:
-            await self.ctx.reach(peer)
+            if dial:
+                await self.ctx.reach(peer)
             await self.ctx.node.send_control(peer, sealed)
         except TransportError as exc:
             log.info("could not send the plan to %s directly (gossip carries it): %s", peer, exc)
@@ -427,6 +597,8 @@ class ReducerDriver:
         with trio.move_on_after(BLOB_WAIT):
             for partial in action.partials:
                 await self._fetched.setdefault(partial.partial, trio.Event()).wait()
+        if self.gate is not None:
+            await self.gate()  # no round closes without the lease and a majority
         parent = self._params[action.parent]
         decoded: list[tuple[PartialAggregate, Params, dict[str, float]]] = []
         missing: list[Digest] = []
@@ -450,6 +622,13 @@ class ReducerDriver:
         new, metrics = await run_blocking(size, self._reduce_sync, decoded, parent)
         model, model_size = await put_model(self.ctx.store, new, pin=True)
         self._params[model] = new
+        if self.config.server_optimizer != "fedavg":
+            old = self._optimizer_ref
+            self._optimizer_ref = await store_optimizer_state(self.ctx, self._optimizer)
+            if old is not None and old != self._optimizer_ref:
+                self.ctx.store.unpin(old.digest)
+        if action.round < self.config.rounds:
+            await self.wait_for_planning_peers()  # the next plan may follow at once
         self._queue(machine.on_reduced(model, model_size, metrics, trio.current_time()))
 
     def _reduce_sync(
@@ -483,6 +662,8 @@ class ReducerDriver:
             log.warning("evaluating round %d failed: %s", action.round, exc)
             metrics = {}
         named = {f"eval_{k}": float(v) for k, v in metrics.items()}
+        if action.round < self.config.rounds:
+            await self.wait_for_planning_peers()
         self._queue(machine.on_evaluated(named, trio.current_time()))
 
     async def _publish_result(self, action: PublishResult, now: float) -> None:
@@ -496,7 +677,9 @@ class ReducerDriver:
         for digest in self._partial_pins:
             self.ctx.store.unpin(digest)
         self._partial_pins.clear()
-        await self.ctx.publish(sealed)
+        self._gossip_send.send_nowait(sealed)
+        if self.on_checkpoint_due is not None:
+            await self.on_checkpoint_due()
         metrics = result.metrics
         accuracy = metrics.get("eval_accuracy")
         if accuracy is not None:
@@ -535,7 +718,7 @@ class ReducerDriver:
         self.ended = ended
         self._ended_sealed = seal_bytes(self.ctx.node.key, ended)
         self._save("session.ended", self._ended_sealed)
-        await self.ctx.publish(self._ended_sealed)
+        self._gossip_send.send_nowait(self._ended_sealed)
         self.ctx.activity.round = -1
         if isinstance(action, SessionCompleted):
             log.info("session %s completed after %d rounds", self.session, ended.rounds)

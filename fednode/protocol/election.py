@@ -356,6 +356,15 @@ def build_tree(
         if room > 0:
             rooms[peer] = room
     clients = [p for p in sorted(by_peer) if by_peer[p].has_data]
+    if sum(rooms.values()) < len(clients):
+        # Every able node is loaded (a busy machine reports every CPU high): an overloaded or
+        # suspect node serving beats clients sitting the round out. Best score first.
+        spare = [p for p in by_peer if p not in rooms and by_peer[p].stands and by_peer[p].spare]
+        spare.sort(key=lambda p: (-score(by_peer[p], policy, home_region=home_region), p))
+        for peer in spare:
+            if sum(rooms.values()) >= len(clients):
+                break
+            rooms[peer] = by_peer[peer].spare
     chosen = _elect(by_peer, rooms, len(clients), before, policy, home_region)
     return _place(by_peer, {p: rooms[p] for p in chosen}, clients, before, policy)
 

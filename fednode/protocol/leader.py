@@ -228,6 +228,12 @@ class LeaderMachine:
         return round(self.lease * 1000)
 
     @property
+    def closing_from(self) -> float:
+        """When a new reducer's probation ends (``detection`` after taking over); +inf when
+        we do not lead."""
+        return self._closing_from if self._state in _LEADER_STATES else float("inf")
+
+    @property
     def eligible(self) -> bool:
         return self.role in ELIGIBLE_ROLES
 

@@ -33,8 +33,18 @@ Deadlines, with ``I`` the peer's advertised ``interval_ms`` in seconds (clamped 
 ``[min_interval, max_interval]``) and ``c`` the :class:`DetectorConfig`:
 
 - ``alive``: suspected at *last accepted heartbeat* + ``c.suspect_after_missed`` * I;
-- ``suspect``: dead at *suspicion* + ``c.dead_after_missed`` * I;
+- ``suspect``: dead at *suspicion* + ``c.dead_after_missed`` * I, the suspicion counted from when
+  the view applied it (see "Late ticks");
 - ``dead``: forgotten at *death* + ``c.forget_after``.
+
+Late ticks. A driver ticks at each deadline; a tick that comes late means our own process was
+not running (a loaded machine starves it), and heartbeats sent meanwhile may be waiting in our
+queues, unread. So silence we were not there to hear never kills: a tick applies each missed
+deadline at its own time (the events say when), but a suspicion it applies counts its
+``dead_after_missed`` intervals from the tick, not from the missed deadline, leaving the queued
+heartbeats time to be read. Without this, one late tick took every peer from alive to dead at
+once, and a reducer planning right then planned with nobody. A peer that is really gone is
+declared dead at most ``dead_after_missed`` * I after we woke.
 
 Detection time. A peer that crashes at time ``t`` sent its last heartbeat at most one period
 before, which reached us after a delivery delay ``d``; so it is suspected no later than
@@ -431,13 +441,14 @@ class MembershipView:
             member.last_seen_at = max(member.last_seen_at, now)
 
     def on_timer(self, now: float) -> list[Event]:
-        """Apply every deadline at or before ``now``, in deadline order (cascading if late)."""
+        """Apply every deadline at or before ``now``, in deadline order, each at its own time; a
+        suspicion applied late counts its way to death from ``now`` (module docstring)."""
         events: list[Event] = []
         while self._timers and self._timers[0][0] <= now:
             deadline, peer, generation = heapq.heappop(self._timers)
             member = self._members.get(peer)
             if member is not None and member.generation == generation:
-                events += self._step(peer, member, Input.TIMEOUT, deadline)
+                events += self._step(peer, member, Input.TIMEOUT, deadline, noticed=now)
         return events
 
     def next_deadline(self) -> float | None:
@@ -490,9 +501,22 @@ class MembershipView:
             last = member.heartbeat
             if (hb.incarnation, hb.seq) <= (last.incarnation, last.seq):
                 return Rejection.STALE
+            if (
+                member.state is PeerState.DEAD
+                and hb.incarnation == last.incarnation
+                and member.last_heartbeat_at + (hb.sent_ms - last.sent_ms) / 1000 < member.since
+            ):
+                # Sent before we declared it dead, on its own clock set against ours by its last
+                # heartbeat: a late copy (gossip re-delivers from its message cache), not a sign
+                # of life. A peer that was only stalled sends newer ones, which revive it.
+                return Rejection.STALE
         return None
 
-    def _step(self, peer: PeerId, member: _Member, inp: Input, at: float) -> list[Event]:
+    def _step(
+        self, peer: PeerId, member: _Member, inp: Input, at: float, noticed: float | None = None
+    ) -> list[Event]:
+        """Apply ``inp`` as of ``at``; ``noticed`` is when the view learnt of it (a late tick),
+        from which a new suspicion counts."""
         try:
             next_state, event_type = TRANSITIONS[member.state, inp]
         except KeyError:
@@ -506,18 +530,19 @@ class MembershipView:
             if peer not in self._connected:
                 self._rtt.pop(peer, None)
         elif changed or inp is not Input.DISCONNECT:  # a heartbeat moves the deadline too
-            self._schedule(peer, member)
+            self._schedule(peer, member, max(at, noticed if noticed is not None else at))
         if event_type is None:
             return []
         self._counts[_EVENT_COUNTERS[event_type]] += 1
         return [event_type(peer=peer, at=at, cause=inp)]
 
-    def _schedule(self, peer: PeerId, member: _Member) -> None:
+    def _schedule(self, peer: PeerId, member: _Member, noticed: float) -> None:
         config = self.config
         if member.state is PeerState.ALIVE:
             deadline = member.last_heartbeat_at + config.suspect_after_missed * member.interval
         elif member.state is PeerState.SUSPECT:
-            deadline = member.since + config.dead_after_missed * member.interval
+            # From when we noticed: time we were not running to hear heartbeats does not count.
+            deadline = max(member.since, noticed) + config.dead_after_missed * member.interval
         else:
             deadline = member.since + config.forget_after
         member.deadline = deadline

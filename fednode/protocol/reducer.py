@@ -232,6 +232,12 @@ class ReducerMachine:
         return self._state
 
     @property
+    def progress(self) -> tuple[int, Digest, int, tuple[PeerId, ...]]:
+        """What a checkpoint carries: the last round with a result (``first_round`` - 1 before
+        any), the global model after it, its size and the peers known to hold it."""
+        return self._completed, self._model, self._size, self._holders
+
+    @property
     def plan(self) -> RoundPlan | None:
         """The plan of the current attempt (None before :meth:`start`)."""
         return self._plan

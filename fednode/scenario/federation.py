@@ -1,13 +1,18 @@
 """Scenario layer: a whole local federation as separate OS processes over libp2p on loopback.
 
 A :class:`Federation` starts a bootstrap node, then a reducer, combiners and clients side by
-side, every one a ``fednode start --events`` child in a process group of its own, and follows
+side, every one a ``fednode start --events`` process in a process group of its own, and follows
 the JSON events they print (:mod:`fednode.scenario.events`) until the reducer completes the
 session. It then stops the other nodes (SIGINT) while the reducer exits by itself, and reads
 their ``stopped`` events, which carry the bytes each sent. :meth:`Federation.close` (also on
 leaving the ``with`` block, however it is left) stops every process it started and SIGKILLs
 whatever is left, with SIGINT and SIGTERM ignored meanwhile so that a second Ctrl-C cannot cut
 the cleanup short.
+
+With ``launcher="fork"`` (the default on Linux) the nodes are forked from a zygote
+(:mod:`fednode.scenario.launcher`) that imported the node's modules once, and the task, torch and
+its data once for the clients and the reducer; with ``"exec"`` each is a fresh interpreter. Either
+way each node is a separate OS process with its own pid, process group, pipes and exit status.
 
 The run fails with :class:`DemoFailed` when the reducer reports ``session-failed``, any node
 exits before the session completes, or the deadline passes. Waits are on the nodes' events, never
@@ -31,9 +36,12 @@ from typing import Literal, NoReturn
 from fednode.crypto import load_or_create_key
 from fednode.errors import ConfigError, FednodeError
 from fednode.scenario.events import EventError, SessionCompleted, SessionFailed, Stopped, decode
+from fednode.scenario.kills import Chaos, KillSpec, check_kills
+from fednode.scenario.launcher import ChildProcess, Zygote, fork_supported, forkable
 from fednode.scenario.processes import (
     EXIT_FLUSH,
     FEDNODE_START,
+    Launch,
     NodeExited,
     NodeLine,
     NodeOutput,
@@ -45,6 +53,17 @@ from fednode.scenario.progress import FederationSnapshot, Progress, Role, RoundR
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 DEFAULT_TASK = "fednode.task.digits"
+Launcher = Literal["fork", "exec"]
+#: What a ``fednode start`` node imports, loaded once in the zygote for every node.
+NODE_MODULES = (
+    "fednode.cli.main",
+    "fednode.cli.start",
+    "fednode.net.libp2p_host",
+    "fednode.node.runtime",
+    "fednode.node.client",
+    "fednode.node.combiner",
+    "fednode.node.reducer",
+)
 
 
 class DemoFailed(FednodeError):
@@ -63,7 +82,9 @@ class DemoConfig:
     node program (``fednode start``; tests put a stand-in there). ``timeout`` bounds the whole
     run from the first process started to the session's end; ``exit_grace`` how long the reducer
     has to exit by itself once it completed the session; ``stop_grace`` how long a node has to
-    exit after SIGINT before it is killed.
+    exit after SIGINT before it is killed. ``launcher``: see the module docstring (``"fork"``
+    falls back to ``"exec"`` where the zygote cannot run: off Linux, or a program that is not
+    this Python interpreter running a module, a script or ``-c`` code).
     """
 
     clients: int = 10
@@ -84,6 +105,15 @@ class DemoConfig:
     exit_grace: float = 30.0
     stop_grace: float = 10.0
     program: tuple[str, ...] = FEDNODE_START
+    launcher: Launcher = "fork"
+    kills: tuple[KillSpec, ...] = ()
+    standbys: int | None = None  #: standby reducers; default: 1 if a reducer is killed, else 0
+
+    @property
+    def standby_count(self) -> int:
+        if self.standbys is not None:
+            return self.standbys
+        return 1 if any(k.role == "reducer" for k in self.kills) else 0
 
     def __post_init__(self) -> None:
         for name in ("clients", "combiners", "rounds", "epochs", "batch_size"):
@@ -97,6 +127,20 @@ class DemoConfig:
             raise ConfigError("seed must be non-negative")
         if not self.timeout > 0 or not self.round_deadline > 0:
             raise ConfigError("timeout and round deadline must be positive")
+        if self.launcher not in ("fork", "exec"):
+            raise ConfigError(f"launcher must be fork or exec, got {self.launcher!r}")
+        check_kills(
+            list(self.kills), rounds=self.rounds, clients=self.clients, combiners=self.combiners
+        )
+        if self.standbys is not None and self.standbys < 0:
+            raise ConfigError("standbys must be non-negative")
+        if any(k.role == "reducer" for k in self.kills) and self.standby_count < 1:
+            raise ConfigError("--kill reducer needs a standby reducer (--standbys 1 or more)")
+
+    @property
+    def forks(self) -> bool:
+        """Whether the nodes are forked from a zygote (see the module docstring)."""
+        return self.launcher == "fork" and fork_supported() and forkable(self.program)
 
     def common_args(self, role: Role) -> list[str]:
         return [
@@ -109,7 +153,7 @@ class DemoConfig:
     def reducer_args(self) -> list[str]:
         args = [
             *("--rounds", str(self.rounds)),
-            *("--min-clients", str(self.clients)),
+            *("--min-clients", str(self.clients - sum(k.role == "client" for k in self.kills))),
             *("--wait-for-combiners", str(self.combiners)),
             *("--round-deadline", f"{self.round_deadline:g}"),
             *("--epochs", str(self.epochs)),
@@ -157,6 +201,9 @@ class DemoResult:
     processes_up_seconds: float | None = None
     bytes_sent: int
     warnings: tuple[str, ...] = ()
+    model: str | None = None
+    events: tuple[dict[str, object], ...] = ()
+    heal_seconds: tuple[float | None, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         """The ``--json`` document."""
@@ -175,6 +222,9 @@ class DemoResult:
             "total_seconds": self.total_seconds,
             "startup_seconds": self.startup_seconds,
             "bytes_sent": self.bytes_sent,
+            "model": self.model,
+            "events": list(self.events),
+            "heal_seconds": list(self.heal_seconds),
         }
 
 
@@ -212,6 +262,10 @@ class Federation:
         self._interrupted: set[str] = set()
         self._warnings: list[str] = []
         self._closed = False
+        self._zygote: Zygote | None = None
+        self.chaos = Chaos(config.kills, self.started, "reducer")
+        self._killed: set[str] = set()
+        self._model: str | None = None
 
     def __enter__(self) -> Federation:
         return self
@@ -232,7 +286,7 @@ class Federation:
         Raises:
             DemoFailed: see the module docstring.
         """
-        self.started = self.progress.started = time.monotonic()
+        self.started = self.progress.started = self.chaos.started = time.monotonic()
         self.deadline = self.started + self.config.timeout
         try:
             self._start_nodes()
@@ -256,6 +310,9 @@ class Federation:
             processes_up_seconds=progress.processes_up_seconds,
             bytes_sent=progress.bytes_sent,
             warnings=tuple(warnings),
+            model=self._model,
+            events=tuple(self.chaos.timeline),
+            heal_seconds=tuple(self.chaos.heal_seconds),
         )
 
     def snapshot(self) -> FederationSnapshot:
@@ -264,24 +321,37 @@ class Federation:
     def _start_nodes(self) -> None:
         """Every node at once: the bootstrap's address is known before it starts (its key is
         made here, its port picked here), so no node waits for another to come up; a node that
-        dials the bootstrap before it listens retries (``fednode.protocol.dialing``)."""
+        dials the bootstrap before it listens retries (``fednode.protocol.dialing``). The nodes
+        that do not train start first: forked, they need not wait for the zygote to load the
+        task."""
         config = self.config
         boot_addr = _bootstrap_address(self.data_dir / "bootstrap")
         listen = boot_addr.rsplit("/p2p/", 1)[0]
-        self._spawn("bootstrap", "bootstrap", "--listen", listen)
         joined = ("--bootstrap", boot_addr)
+        combiners = [f"combiner-{i}" for i in range(config.combiners)]
+        clients = [f"client-{i}" for i in range(config.clients)]
+        standbys = [f"reducer-{i + 1}" for i in range(config.standby_count)]
+        roles: list[tuple[str, Role]] = [("bootstrap", "bootstrap"), ("reducer", "reducer")]
+        roles += [(name, "reducer") for name in standbys]
+        roles += [(name, "combiner") for name in combiners] + [(name, "client") for name in clients]
+        for name, role in roles:
+            self.progress.add_node(name, role)  # listed in this order, whatever the start order
+        if config.forks:
+            self._zygote = Zygote()
+        self._spawn("bootstrap", "bootstrap", "--listen", listen)
+        for name in combiners:
+            self._spawn(name, "combiner", *joined, "--listen", LOOPBACK)
         self._spawn("reducer", "reducer", *joined, "--listen", LOOPBACK, *config.reducer_args())
-        for i in range(config.combiners):
-            self._spawn(f"combiner-{i}", "combiner", *joined, "--listen", LOOPBACK)
-        for i in range(config.clients):
-            self._spawn(f"client-{i}", "client", *joined, *config.client_args(i))
+        for name in standbys:
+            self._spawn(name, "reducer", *joined, "--listen", LOOPBACK, "--standby")
+        for i, name in enumerate(clients):
+            self._spawn(name, "client", *joined, *config.client_args(i))
         for node in self.nodes.values():
             self._ready(node)
         self.progress.all_up(time.monotonic())
         self._report()
 
     def _spawn(self, name: str, role: Role, *args: str) -> NodeProcess:
-        self.progress.add_node(name, role)
         node = NodeProcess(
             self.data_dir / name,
             *self.config.common_args(role),
@@ -292,9 +362,31 @@ class Federation:
             ready=False,
             wait=self.config.timeout,
             die_with_parent=True,
+            launch=self._launch(role),
         )
         self.nodes[name] = node
         return node
+
+    def _launch(self, role: Role) -> Launch | None:
+        """How a node of ``role`` starts: forked by the zygote, which first imports what a
+        ``fednode start`` node does and, for the roles that run the task, loads it; or None,
+        for a fresh process."""
+        zygote, config = self._zygote, self.config
+        if zygote is None:
+            return None
+        node_program = config.program == FEDNODE_START
+        trains = role == "client" or (role == "reducer" and config.eval_every > 0)
+
+        def launch(command: list[str], env: dict[str, str]) -> ChildProcess:
+            return zygote.fork(
+                command,
+                env=env,
+                preload=NODE_MODULES if node_program else (),
+                task=config.task if node_program and trains else None,
+                timeout=max(0.01, self.deadline - time.monotonic()),
+            )
+
+        return launch
 
     def _ready(self, node: NodeProcess) -> None:
         node.wait_ready(max(0.01, self.deadline - time.monotonic()))
@@ -320,22 +412,42 @@ class Federation:
                 continue
             if isinstance(item, NodeLine):
                 event = self._take(item)
+                self._chaos(item)
+                if isinstance(event, SessionCompleted):
+                    self._model = event.model
                 if isinstance(event, SessionFailed):
                     self._fail(f"the session failed: {event.reason}")
                 if isinstance(event, SessionCompleted) and wind_down is None:
                     wind_down = time.monotonic() + self.config.exit_grace
                     # The session is over: the others stop while the reducer winds down.
                     for name in self.nodes:
-                        if name != "reducer":
+                        if name != item.node and name not in self._exited:
                             self._interrupt(name)
                 continue
             if wind_down is not None:
-                if item.node == "reducer":
+                if item.node == self.chaos.office:
                     return
                 continue  # the session is over; _stop_nodes reports how each node ended
+            if item.node in self._killed:
+                continue  # we killed it
             what = "exited" if item.code >= 0 else "was killed"
             code = item.code if item.code >= 0 else f"signal {-item.code}"
             self._fail(f"{item.node} {what} unexpectedly (code {code}){self._last_words(item)}")
+
+    def _chaos(self, line: NodeLine) -> None:
+        """Fire the kill this event opens, if any (``--kill``)."""
+        spec = self.chaos.on_event(line.node, line.data, line.at)
+        if spec is None:
+            return
+        alive = [n for n in self.nodes if n not in self._exited and n not in self._killed]
+        victim = self.chaos.victim(spec, alive)
+        if victim is None:
+            self._warnings.append(f"--kill {spec}: no live {spec.role} to kill")
+            return
+        self._killed.add(victim)
+        at = self.nodes[victim].kill()
+        self.chaos.killed(spec, victim, at)
+        self._report()
 
     def _interrupt(self, name: str) -> None:
         """SIGINT, once: a node may take a second one as "stop now" and skip its cleanup."""
@@ -357,6 +469,8 @@ class Federation:
                 self._take(item)
         warnings = self._warnings
         for name, node in self.nodes.items():
+            if name in self._killed:
+                continue
             if name not in self._exited:
                 warnings.append(f"{name} did not stop within {self.config.stop_grace:g} s")
             elif node.proc.returncode != 0:
@@ -421,6 +535,8 @@ class Federation:
         self._closed = True
         with _signals_ignored():
             stop_all(self.nodes.values(), timeout=self.config.stop_grace)
+            if self._zygote is not None:
+                self._zygote.close()
             self._write_logs()
 
     def _write_logs(self) -> None:

@@ -4,6 +4,9 @@ The parent reads the child's stdout (its identity block) and stderr (its log) on
 queues, so that callers wait on what the node says (``wait_for("PeerJoined", peer)``) rather
 than on the clock. Every child is stopped by :meth:`NodeProcess.stop` (SIGINT, then SIGKILL).
 
+A child is a ``subprocess.Popen`` of its command, or whatever a ``launch`` callable returns for
+it (a node forked by :class:`fednode.scenario.launcher.Zygote`).
+
 Each child leads a process group of its own: a Ctrl-C at the terminal reaches the parent only,
 which stops its children in order, and whatever a child started (a training worker) is killed
 with it. A node started with ``--events`` prints one JSON object per line after its identity
@@ -21,12 +24,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from fednode.errors import FednodeError
+from fednode.scenario.launcher import ChildProcess, LauncherError
 
 DEFAULT_WAIT = 60.0
 #: After a node exits, how long its last stdout lines may take to arrive before NodeExited is
@@ -74,6 +78,8 @@ class NodeExited:
 
 
 NodeOutput = NodeLine | NodeExited
+#: Starts a node: its command and its whole environment in, the running child out.
+Launch = Callable[[list[str], dict[str, str]], ChildProcess]
 
 
 class NodeProcess:
@@ -97,28 +103,42 @@ class NodeProcess:
         events: queue.Queue[NodeOutput] | None = None,
         ready: bool = True,
         die_with_parent: bool = False,
+        launch: Launch | None = None,
     ) -> None:
         """``command_prefix`` runs the node under another command, such as
         ``("ip", "netns", "exec", "ns1")`` (which execs it: signals still reach the node).
         ``program`` replaces ``fednode start`` (a stand-in node in tests). With ``ready=False``
         the constructor returns at once and :meth:`wait_ready` reads the identity block, so many
         nodes can start side by side. ``die_with_parent`` (Linux) has the kernel kill the node
-        if this process dies without stopping it (``kill -9``)."""
+        if this process dies without stopping it (``kill -9``). ``launch`` starts the command
+        in place of ``subprocess.Popen`` (``die_with_parent`` is then its business).
+
+        Raises:
+            NodeProcessError: ``launch`` could not start it.
+        """
         self.wait = wait
         self.name = name or str(data_dir.name)
         self._events = events
         command = [*command_prefix, *program, "--data-dir", str(data_dir), *args]
-        if die_with_parent and sys.platform == "linux":
-            command = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
-        self.proc = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})},
-            process_group=0,
-        )
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.proc: ChildProcess
+        if launch is not None:
+            try:
+                self.proc = launch(command, env)
+            except LauncherError as exc:
+                raise NodeProcessError(f"{self.name} did not start: {exc}") from exc
+        else:
+            if die_with_parent and sys.platform == "linux":
+                command = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
+            self.proc = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                env=env,
+                process_group=0,
+            )
         self._out: queue.Queue[str | None] = queue.Queue()
         self._err: queue.Queue[tuple[float, str] | None] = queue.Queue()
         self.log: list[tuple[float, str]] = []
@@ -258,9 +278,8 @@ class NodeProcess:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
         self.kill_group()
-        return self.proc.returncode
+        return self.proc.wait()
 
     def stderr_after_exit(self, timeout: float | None = None) -> str:
         """Everything the (exited) process wrote on stderr, waiting up to ``timeout`` (default:
@@ -286,7 +305,7 @@ def stop_all(nodes: Iterable[NodeProcess], timeout: float = 10.0) -> dict[str, i
             node.proc.wait()
     for node in nodes:
         node.kill_group()
-    return {node.name: node.proc.returncode for node in nodes}
+    return {node.name: node.proc.wait() for node in nodes}
 
 
 def _json_object(line: str) -> dict[str, object] | None:

@@ -145,9 +145,12 @@ class Progress:
         """Take ``event``, which node ``name`` printed and the demo read at ``at``."""
         if isinstance(event, SessionStarted):
             self.phase = "running" if self.phase == "starting" else self.phase
-            self.session_started_at = at
+            if self.session_started_at is None:  # not a standby resuming the session
+                self.session_started_at = at
             self._set(name, state="running", round=1)
         elif isinstance(event, RoundCompleted):
+            # A reducer that took over may close again a round its predecessor closed unheard.
+            self.completed = [r for r in self.completed if r.round != event.round]
             self.completed.append(RoundRow.from_event(event))
             if self.first_round_at is None:
                 self.first_round_at = at

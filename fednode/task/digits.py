@@ -1,8 +1,11 @@
 """Task layer: the built-in task, a 64-32-10 MLP on scikit-learn's bundled digits (no download).
 
-Data: ``load_digits`` (1797 8x8 images), features scaled to [0, 1] by /16, split 80/20 with
-stratification and the fixed seed :data:`SPLIT_SEED` (1437 train, 360 test). The train split is
-shared across clients by :mod:`fednode.task.partition`; evaluation uses the whole test split.
+Data: scikit-learn's digits (1797 8x8 images), read with numpy from the CSV that scikit-learn
+ships (:func:`digits_csv`: found without importing scikit-learn, which costs a second per
+process), features scaled to [0, 1] by /16, split 80/20 with stratification and the fixed seed
+:data:`SPLIT_SEED` (1437 train, 360 test) by :func:`fednode.task.partition.stratified_split`,
+which gives the arrays ``load_digits`` and ``train_test_split`` give. The train split is shared
+across clients by :mod:`fednode.task.partition`; evaluation uses the whole test split.
 
 Determinism: the initial parameters come from numpy (:func:`initial_params`), and the model is
 built on torch's ``meta`` device and filled from the params it is given, so torch's random state
@@ -15,24 +18,26 @@ the FedProx term ``mu/2 * ||w - w_global||^2`` over the weights and biases when
 ``proximal_mu > 0``. The reported ``loss`` and ``accuracy`` are the running cross-entropy
 (without the proximal term) and accuracy over the last epoch's minibatches.
 
-Importing this module imports neither torch nor scikit-learn: :func:`initial_params` is numpy
-only, so a reducer can build the initial global model without them.
+Nothing here imports scikit-learn, and importing this module does not import torch:
+:func:`initial_params` is numpy only, so a reducer can build the initial global model without it.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fednode.errors import ConfigError
 from fednode.task.api import EvalConfig, Extra, Metrics, Partition, TrainConfig, TrainResult
-from fednode.task.partition import share
+from fednode.task.partition import share, stratified_split
 from fednode.wire.schema import Model
 
 if TYPE_CHECKING:
@@ -67,19 +72,32 @@ class DigitsData:
 @functools.cache
 def load_data() -> DigitsData:
     """The digits data, split once per process."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x = (np.asarray(x, dtype=np.float64) / 16.0).astype(np.float32)
-    y = np.asarray(y, dtype=np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=TEST_FRACTION, stratify=y, random_state=SPLIT_SEED
-    )
-    arrays = (x_train, y_train, x_test, y_test)
+    table = np.loadtxt(digits_csv(), delimiter=",")  # 64 pixels (0..16), then the label
+    x = (table[:, :-1] / 16.0).astype(np.float32)
+    y = table[:, -1].astype(np.int64)
+    train, test = stratified_split(y, TEST_FRACTION, SPLIT_SEED)
+    arrays = (x[train], y[train], x[test], y[test])
     for array in arrays:
         array.setflags(write=False)  # shared by every call in this process
     return DigitsData(*arrays)
+
+
+def digits_csv() -> Path:
+    """Where scikit-learn's digits data lies: ``datasets/data/digits.csv.gz`` in its package
+    folder, found without importing it.
+
+    Raises:
+        ConfigError: scikit-learn is not installed, or its copy lacks the file.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    folders = [] if spec is None else list(spec.submodule_search_locations or [])
+    for folder in folders:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    raise ConfigError(
+        "the built-in task needs scikit-learn's digits data: pip install 'fednode[client]'"
+    )
 
 
 def client_indices(partition: Partition) -> np.ndarray[Any, np.dtype[np.int64]]:

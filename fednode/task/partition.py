@@ -15,10 +15,16 @@ out indices. Shares are disjoint, cover the data set, are never empty, and come 
     ``alpha`` tends to IID. A client left empty then takes one example from the largest share
     (lowest index on ties; the example last in that share's label order), until none is empty:
     this terminates and stays deterministic, unlike redrawing until every share is large enough.
+
+:func:`stratified_split` cuts a labelled set into train and test parts (the built-in task's
+80/20 split). It draws from numpy's legacy ``RandomState`` in the same order as scikit-learn's
+``train_test_split(..., stratify=labels, random_state=seed)``, so it returns the same indices in
+the same order (a test checks this against scikit-learn) without importing scikit-learn.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -76,3 +82,65 @@ def dirichlet_split(
         shares[empty[0]] = shares[donor][-1:]
         shares[donor] = shares[donor][:-1]
     return [np.sort(s) for s in shares]
+
+
+def stratified_split(
+    labels: np.ndarray[Any, Any], test_fraction: float, seed: int
+) -> tuple[IntArray, IntArray]:
+    """Train and test indices of ``labels``, each label kept in about the same proportion.
+
+    The test part holds ``ceil(test_fraction * n)`` examples. Per label, the train part takes
+    the floor of its proportional share of the train size, and the examples still missing go to
+    the labels with the largest fractional parts (ties broken at random); the test part is then
+    allotted the same way from what each label has left. Each label's examples are shuffled and
+    dealt out in that order, and each part is shuffled once more at the end.
+
+    Raises:
+        ConfigError: a fraction outside (0, 1), a part with fewer examples than there are
+            labels, or a label with fewer than two examples.
+    """
+    n = len(labels)
+    if not 0 < test_fraction < 1:
+        raise ConfigError(f"test fraction must be in (0, 1), got {test_fraction}")
+    n_test = math.ceil(test_fraction * n)
+    n_train = n - n_test
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if counts.min(initial=n) < 2 or min(n_train, n_test) < len(classes):
+        raise ConfigError(
+            f"cannot split {n} examples of {len(classes)} labels {n_train}/{n_test} by label"
+        )
+    members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    train_counts = _allot(counts, n_train, rng)
+    test_counts = _allot(counts - train_counts, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for label_members, count, to_train, to_test in zip(
+        members, counts, train_counts, test_counts, strict=True
+    ):
+        dealt = label_members[rng.permutation(count)]
+        train.extend(dealt[:to_train])
+        test.extend(dealt[to_train : to_train + to_test])
+    return (
+        rng.permutation(np.array(train, dtype=np.int64)),
+        rng.permutation(np.array(test, dtype=np.int64)),
+    )
+
+
+def _allot(counts: IntArray, draws: int, rng: np.random.RandomState) -> IntArray:
+    """How many of ``draws`` each label gets: its proportional share rounded down, then one more
+    for the labels with the largest fractional parts, ties drawn at random (every tied group
+    reached is drawn from, even when all of it is taken, as scikit-learn does)."""
+    exact = counts / counts.sum() * draws
+    allotted = np.floor(exact)
+    missing = int(draws - allotted.sum())
+    fractions = exact - allotted
+    for fraction in np.unique(fractions)[::-1]:
+        if missing <= 0:
+            break
+        (tied,) = np.nonzero(fractions == fraction)
+        taken = min(len(tied), missing)
+        allotted[rng.choice(tied, size=taken, replace=False)] += 1
+        missing -= taken
+    result: IntArray = allotted.astype(np.int64)
+    return result

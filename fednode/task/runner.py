@@ -4,8 +4,9 @@
 (``trio.to_thread.run_sync``), so training never stalls the trio loop (py-libp2p resets a stream
 whose reader stalls for 5 s). Calls are serialised: one training or evaluation at a time.
 
-``mode="process"`` (the default) keeps one warm worker process, started with ``spawn`` so the
-node's process never imports torch and the worker inherits none of its threads or sockets;
+``mode="process"`` (the default) keeps one warm worker process, started with ``spawn`` (but see
+below) so the node's process never imports torch and the worker inherits none of its threads or
+sockets;
 params and results cross as pickled numpy arrays. ``mode="thread"`` runs the task in the calling
 thread, in the node's process.
 
@@ -14,18 +15,27 @@ round, 144 examples x 5 epochs, trained back to back while a trio loop does CPU 
 for noise/yamux/CBOR): the trio loop's worst lag is tens of milliseconds in both modes, far from
 py-libp2p's 5 s, but in a thread the small model's per-op Python dispatch contends for the GIL,
 so the loop gets through 35-60 % less work and training slows ~2x; and the node's resident
-memory is ~390 MB with torch against ~46 MB without. The process costs its start-up (~3 s,
-nearly all of it importing torch and scikit-learn, which a thread pays too), ~40 MB for a second
+memory is ~390 MB with torch against ~46 MB without. The process costs its start-up (~2 s,
+nearly all of it importing torch, which a thread pays too), ~40 MB for a second
 interpreter, and a pickle of the model each way (microseconds for this model). Use ``"thread"``
 for in-process tools and tests. As with any ``spawn`` worker, a script that starts a process
 runner needs the ``if __name__ == "__main__":`` guard.
+
+A process that loaded the task itself with :func:`preload` (the demo's zygote, whose nodes are
+forked from it with torch and the data already in memory) has its worker *forked* instead, which
+costs milliseconds instead of seconds: the worker inherits the task loaded and prepared. Only
+while the process has a single thread (no event loop, no thread pool yet), since a fork copies
+no other thread and so may copy a lock some other thread holds; ``fednode start`` therefore
+starts its runner before ``trio.run``. A replacement for a worker that died is always spawned.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 import signal
+import sys
 import threading
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -46,6 +56,8 @@ from fednode.wire.schema import Model
 RunMode = Literal["thread", "process"]
 MODES: tuple[RunMode, ...] = ("thread", "process")
 DEFAULT_MODE: RunMode = "process"
+#: How a ``"process"`` runner started its worker (see the module docstring).
+StartMethod = Literal["fork", "spawn"]
 
 
 class TaskRunner:
@@ -62,14 +74,13 @@ class TaskRunner:
             raise ConfigError(f"task runner mode must be thread or process, got {mode!r}")
         self.spec = spec
         self.mode = mode
-        # The worker resolves a file path itself: make it independent of our working directory.
-        self._worker_spec = (
-            str(Path(spec.strip()).expanduser().resolve()) if is_path_spec(spec) else spec
-        )
+        self._worker_spec = _resolved(spec)
         self._lock = threading.Lock()
         self._task: ModuleTask | None = None
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._closed = False
+        #: How the current (or last) worker was started; None before the first.
+        self.start_method: StartMethod | None = None
 
     def __enter__(self) -> TaskRunner:
         self.start()
@@ -79,7 +90,9 @@ class TaskRunner:
         self.close()
 
     def start(self) -> None:
-        """Load the task and warm it up (idempotent)."""
+        """Load the task and warm it up (idempotent: ``prepare`` runs once per worker). For a
+        ``"process"`` runner of a task this process :func:`preload`-ed, call it before starting
+        any thread, so that the worker is forked."""
         self._call("prepare")
 
     def train(self, params: Model, config: TrainConfig) -> TrainResult:
@@ -102,6 +115,16 @@ class TaskRunner:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
 
+    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        """A pool of one worker: forked for the first worker of a preloaded task while nothing
+        else runs here that could hold a lock; spawned otherwise."""
+        preloaded = self.start_method is None and self._worker_spec in _PREPARED
+        start: StartMethod = "fork" if preloaded and _single_threaded() else "spawn"
+        self.start_method = start
+        return concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context(start), initializer=_ignore_sigint
+        )
+
     def _call(self, method: str, *args: Any) -> Any:
         with self._lock:
             if self._closed:
@@ -111,10 +134,7 @@ class TaskRunner:
                     self._task = load_task(self.spec)
                 return getattr(self._task, method)(*args)
             if self._pool is None:
-                context = multiprocessing.get_context("spawn")
-                self._pool = concurrent.futures.ProcessPoolExecutor(
-                    max_workers=1, mp_context=context, initializer=_ignore_sigint
-                )
+                self._pool = self._new_pool()
             try:
                 return self._pool.submit(_run_in_worker, self._worker_spec, method, args).result()
             except BrokenProcessPool as exc:
@@ -127,7 +147,44 @@ class TaskRunner:
                 ) from exc
 
 
-_WORKER_TASKS: dict[str, ModuleTask] = {}
+#: Tasks loaded in this process (by a worker, or by :func:`preload`), and those whose ``prepare``
+#: hook ran: both inherited by a forked worker.
+_TASKS: dict[str, ModuleTask] = {}
+_PREPARED: set[str] = set()
+
+
+def preload(spec: str) -> ModuleTask:
+    """Load ``spec`` in this process and run its ``prepare`` hook, so that a ``"process"``
+    runner of it started here forks its worker (see the module docstring).
+
+    Raises:
+        ConfigError: as :func:`~fednode.task.api.load_task`; the task's own exceptions from
+            ``prepare`` pass unchanged, and the task is then not preloaded.
+    """
+    key = _resolved(spec)
+    _prepare(key)
+    return _TASKS[key]
+
+
+def preloaded(spec: str) -> bool:
+    """Whether this process :func:`preload`-ed ``spec``."""
+    return _resolved(spec) in _PREPARED
+
+
+def _resolved(spec: str) -> str:
+    """A task spec independent of the working directory (a worker resolves a file path itself)."""
+    return str(Path(spec.strip()).expanduser().resolve()) if is_path_spec(spec) else spec
+
+
+def _single_threaded() -> bool:
+    """Whether this process has one thread, counting threads of native libraries (Linux only:
+    elsewhere we do not fork)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
 
 
 def _ignore_sigint() -> None:
@@ -136,7 +193,21 @@ def _ignore_sigint() -> None:
 
 
 def _run_in_worker(spec: str, method: str, args: tuple[Any, ...]) -> Any:
-    task = _WORKER_TASKS.get(spec)
+    if method == "prepare":
+        _prepare(spec)
+        return None
+    return getattr(_task(spec), method)(*args)
+
+
+def _task(spec: str) -> ModuleTask:
+    task = _TASKS.get(spec)
     if task is None:
-        task = _WORKER_TASKS[spec] = load_task(spec)
-    return getattr(task, method)(*args)
+        task = _TASKS[spec] = load_task(spec)
+    return task
+
+
+def _prepare(spec: str) -> None:
+    """Run the task's ``prepare`` hook once per process (a forked worker inherits its effect)."""
+    if spec not in _PREPARED:
+        _task(spec).prepare()
+        _PREPARED.add(spec)

@@ -414,6 +414,63 @@ async def test_not_found_and_busy_fall_through_to_the_next_holder(
         assert busy.server.statistics().busy == 1
 
 
+async def test_a_request_for_a_blob_being_fetched_waits_for_it(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    """A combiner's clients ask it for the round's model while it is still fetching it: their
+    requests wait for it instead of hearing "not found" and trying the next holder."""
+    # Prepare: the first holder is about to hold the blob (0.3 s from now); the second has it
+    data = blob()
+    async with open_swarm(tmp_path, 2) as swarm:
+        fetching, holder = swarm.holders
+        holder.store.put(data)
+
+        async def fetch_it_there() -> None:
+            with fetching.server.expecting(digest(data)):
+                await trio.sleep(0.3)
+                fetching.store.put(data)
+
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch_it_there)
+            await trio.sleep(0.1)
+            # Execute
+            result = await fetch(swarm, data)
+        # Assert: served by the first holder as soon as it had the blob
+        assert trio.current_time() - started == pytest.approx(0.3)
+        assert result.sources == (fetching.peer,) and result.faults == ()
+        stats = fetching.server.statistics()
+        assert (stats.waited, stats.not_found, stats.served) == (1, 0, 1)
+        assert holder.server.statistics().requests == 0
+
+
+async def test_waiting_for_an_expected_blob_is_bounded(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    # Prepare: one holder's fetch fails after 0.5 s; the other's never ends (it waits 2 s)
+    data = blob()
+    async with open_swarm(tmp_path, 2) as swarm:
+        failing, stuck = swarm.holders
+        stuck.server.expect_wait = 2.0
+
+        async def failing_fetch() -> None:
+            with failing.server.expecting(digest(data)):
+                await trio.sleep(0.5)
+
+        with stuck.server.expecting(digest(data)):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(failing_fetch)
+                started = trio.current_time()
+                # Execute
+                with pytest.raises(FetchError) as caught:
+                    await fetch(swarm, data)
+                elapsed = trio.current_time() - started
+    # Assert: "not-found" from each, once its fetch ended or its wait ran out
+    assert [f.reason for f in caught.value.faults] == ["answered 'not-found'"] * 2
+    assert elapsed == pytest.approx(0.5 + 2.0)
+    assert failing.server.statistics().waited == stuck.server.statistics().waited == 1
+
+
 async def test_no_holder_raises_with_every_fault(tmp_path: Path, autojump_clock: MockClock) -> None:
     data = blob()
     async with open_swarm(tmp_path, 2) as swarm:

@@ -108,12 +108,20 @@ def test_a_session_trains_over_libp2p_between_processes(tmp_path: Path) -> None:
         codes = stop_all(nodes)
 
     # Assert: the session, as the events tell it
-    by = {name: [data for node, data in seen if node == name] for name in codes}
+    # (only the session's milestones: the nodes also report phases and elections)
+    milestones = {"session-started", "round-completed", "session-completed", "stopped",
+                  "update-pushed", "update-included"}  # fmt: skip
+    by = {
+        name: [data for node, data in seen if node == name and data["event"] in milestones]
+        for name in codes
+    }
     reducer_events = [e["event"] for e in by["reducer"]]
     assert reducer_events == ["session-started", "round-completed", "round-completed",
                               "session-completed", "stopped"], by["reducer"]  # fmt: skip
     started, *rounds, completed, _ = by["reducer"]
-    assert (started["clients"], started["combiners"]) == (CLIENTS, 2)
+    # both combiners, unless the election left out one that reported an overloaded CPU (a busy
+    # test machine): every healthy explicit combiner is used, an overloaded one is not
+    assert started["clients"] == CLIENTS and started["combiners"] in (1, 2)
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["clients_included"] == CLIENTS for r in rounds)
     assert isinstance(completed["final_accuracy"], float)

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+import trio.testing
 from federation_kit import (
+    INTERVAL,
     LINREG,
     Outcome,
     key,
@@ -31,6 +33,7 @@ from fednode.node.combiner import CombinerDriver
 from fednode.node.context import decode_model, encode_model
 from fednode.node.reducer import ReducerDriver
 from fednode.node.session import load_session
+from fednode.protocol.membership import PeerState
 from fednode.task import TrainConfig, TrainResult, load_task
 from fednode.task.reference import run_reference
 from fednode.task.runner import TaskRunner
@@ -352,3 +355,56 @@ def ended_message(signer: NodeKey) -> SessionEnded:
         reducer=signer.public_key,
         created_ms=1,
     )
+
+
+async def test_a_plan_waits_for_peers_the_failure_detector_declared_dead_too_soon(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Under CPU load live peers' heartbeats run late and the detector declares them dead; a plan
+    made right then would hold too few clients to finish. The reducer waits for them (on a
+    virtual clock: every time below is exact)."""
+    # Prepare: a reducer that sees two clients and a combiner, then loses them all
+    async with open_federation(tmp_path) as fed:
+        reducer = await fed.add("reducer", "reducer", 1)
+        others = [
+            await fed.add("combiner", "combiner", 10),
+            *[await fed.add(f"client-{i}", "client", 20 + i) for i in range(2)],
+        ]
+        driver = ReducerDriver(reducer.ctx, session_config(min_clients=2, eval_every=0), "s1")
+        reducer.ctx.node.on_membership(driver._on_membership)  # as run() does
+        view = reducer.ctx.node.view
+
+        async def states_become(state: PeerState) -> None:
+            while any(
+                (m := view.member(o.ctx.peer)) is None or m.state is not state for o in others
+            ):
+                await trio.sleep(INTERVAL / 10)
+
+        with trio.fail_after(30):
+            await states_become(PeerState.ALIVE)
+            assert not driver.short_of_peers()
+            net_cut = [[reducer.ctx.peer], [o.ctx.peer for o in others]]
+            fed.net.partition(net_cut)
+            await states_become(PeerState.DEAD)
+            assert driver.short_of_peers()
+            # Execute: the peers come back 0.2 s into the wait (the partition heals: they redial)
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+
+                async def heal_soon() -> None:
+                    await trio.sleep(0.2)
+                    fed.net.heal()
+
+                nursery.start_soon(heal_soon)
+                await driver.wait_for_planning_peers()
+            came_back = trio.current_time() - started
+            # ... and when they stay away, the plan goes ahead after plan_wait
+            fed.net.partition(net_cut)
+            await states_become(PeerState.DEAD)
+            started = trio.current_time()
+            await driver.wait_for_planning_peers()
+            gave_up = trio.current_time() - started
+    # Assert
+    assert driver.plan_wait == pytest.approx(5 * INTERVAL)  # the detector's silence-to-death
+    assert 0.2 < came_back < driver.plan_wait
+    assert gave_up == pytest.approx(driver.plan_wait)

@@ -165,8 +165,12 @@ def test_a_fresh_tree_uses_explicit_combiners_balances_and_leaves_out_a_clear_ta
     }
     explicit = {c.peer for c in view if c.role == "combiner" and c.peer in healthy}
     assert explicit <= set(tree.combiners)
-    assert set(tree.combiners) <= set(healthy)
     n_data = sum(c.has_data for c in view)
+    by_peer = {c.peer: c for c in view}
+    if sum(healthy.values()) >= n_data:
+        assert set(tree.combiners) <= set(healthy)
+    else:  # short of healthy room: loaded or suspect nodes are drafted rather than leave clients
+        assert set(tree.combiners) <= {c.peer for c in view if c.stands and c.spare > 0}
     if sum(healthy.values()) >= n_data:
         assert tree.left_out == ()  # everyone placed when capacity suffices
     # those left out are the highest peer IDs among the clients that are not combiners
@@ -175,7 +179,8 @@ def test_a_fresh_tree_uses_explicit_combiners_balances_and_leaves_out_a_clear_ta
     # balanced: a combiner holds at most one more than another unless that one is full
     for a in tree.branches:
         for b in tree.branches:
-            assert len(a.clients) <= len(b.clients) + 1 or len(b.clients) == healthy[b.combiner]
+            room = healthy.get(b.combiner, by_peer[b.combiner].spare)
+            assert len(a.clients) <= len(b.clients) + 1 or len(b.clients) == room
 
 
 def test_duplicate_candidates_are_a_local_error() -> None:
@@ -567,6 +572,7 @@ def test_candidates_come_from_the_membership_view() -> None:
     view = MembershipView(ME, FED, DetectorConfig())
     view.on_heartbeat(heartbeat(GONE, "combiner"), 0.0)
     view.on_heartbeat(heartbeat(AUTO, "auto"), 2.0)  # suspect by 6
+    view.on_timer(3.0)  # on time: a late tick's suspicion would count from the tick
     view.on_timer(6.0)
     for peer, role, session in [
         (CLIENT, "client", "s1"),
@@ -607,3 +613,14 @@ def test_rounds_md_states_the_score_and_the_policy_defaults() -> None:
         f"| {p.shed_fraction:.0%} |",
     ]:
         assert row in section, row
+
+
+def test_when_every_combiner_is_overloaded_they_still_serve() -> None:
+    # Prepare: a busy machine: every node reports a saturated CPU
+    hot = [Candidate(peer=f"C{i}", role="combiner", capacity=4, cpu=1.0) for i in range(2)]
+    clients = [Candidate(peer=f"K{i}", role="client", cpu=1.0) for i in range(6)]
+    # Execute
+    tree = build_tree([*hot, *clients], policy=POLICY)
+    # Assert: nobody sits the round out for want of a healthy combiner
+    assert tree.left_out == ()
+    assert set(tree.combiners) == {"C0", "C1"}

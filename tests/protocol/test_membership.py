@@ -168,7 +168,8 @@ def test_dead_exactly_two_intervals_after_suspicion() -> None:
 def test_forgotten_exactly_forget_after_death_then_may_rejoin() -> None:
     # Prepare
     v = joined(at=0.0)
-    v.on_timer(5.0)  # suspect at 3, dead at 5
+    v.on_timer(3.0)  # suspect at 3
+    v.on_timer(5.0)  # dead at 5
     # Execute / Assert
     assert v.on_timer(304.999) == []
     assert v.on_timer(305.0) == [PeerForgotten(peer=A, at=305.0, cause=Input.TIMEOUT)]
@@ -177,17 +178,55 @@ def test_forgotten_exactly_forget_after_death_then_may_rejoin() -> None:
     assert v.on_heartbeat(heartbeat(A, 400), 400.0) == [join(A, 400.0)]
 
 
-def test_a_late_tick_applies_every_deadline_in_order_at_its_own_time() -> None:
+def test_a_late_tick_suspects_at_the_missed_deadline_but_never_kills_at_once() -> None:
     # Prepare
     v = joined(at=0.0)
-    # Execute
+    # Execute: our process was stalled from 0 to 1000 s; the first tick comes then
     events = v.on_timer(1000.0)
-    # Assert
+    # Assert: suspected as of its deadline, and dead only if silent two intervals after the tick
+    assert events == [PeerSuspected(peer=A, at=3.0, cause=Input.TIMEOUT)]
+    assert state_of(v) is PeerState.SUSPECT
+    assert v.next_deadline() == 1002.0
+    assert v.on_timer(1002.0) == [PeerDied(peer=A, at=1002.0, cause=Input.TIMEOUT)]
+    assert v.on_timer(1302.0) == [PeerForgotten(peer=A, at=1302.0, cause=Input.TIMEOUT)]
+
+
+def test_later_deadlines_of_a_late_tick_still_apply_in_order_at_their_own_time() -> None:
+    # Prepare: A was suspected on time at 3 s (dead due at 5 s); B joined at 1 s
+    v = joined(at=0.0)
+    v.on_heartbeat(heartbeat(B), 1.0)
+    v.on_timer(3.0)
+    # Execute: the next tick comes at 400 s
+    events = v.on_timer(400.0)
+    # Assert: A's death and forgetting were due while it was already suspect; B is only suspect
     assert events == [
-        PeerSuspected(peer=A, at=3.0, cause=Input.TIMEOUT),
+        PeerSuspected(peer=B, at=4.0, cause=Input.TIMEOUT),
         PeerDied(peer=A, at=5.0, cause=Input.TIMEOUT),
         PeerForgotten(peer=A, at=305.0, cause=Input.TIMEOUT),
     ]
+    assert (state_of(v, A), state_of(v, B)) == (PeerState.ABSENT, PeerState.SUSPECT)
+
+
+def test_a_stalled_view_hears_the_queued_heartbeats_and_keeps_every_peer() -> None:
+    """The false deaths seen under CPU load: the node's loop stalled for 6 s while its peers kept
+    beating; when it ran again, its timer task came first and took them all to dead at once,
+    and a plan made then had nobody in it. The silence was ours: the heartbeats sat in our queue."""
+    # Prepare: A and B beat every second; we read them until 10 s, then stall
+    v = view()
+    for seq in range(11):
+        v.on_heartbeat(heartbeat(A, seq), float(seq))
+        v.on_heartbeat(heartbeat(B, seq), float(seq) + 0.5)
+    # Execute: at 16.2 s the timer task runs first, then the six queued beats of each are read
+    events = v.on_timer(16.2)
+    for seq in range(11, 17):
+        events += v.on_heartbeat(heartbeat(A, seq), 16.3)
+        events += v.on_heartbeat(heartbeat(B, seq), 16.3)
+    events += v.on_timer(16.4)
+    # Assert: suspected for a moment, never dead, alive again
+    assert not [e for e in events if isinstance(e, PeerDied)]
+    assert [type(e) for e in events] == [PeerSuspected] * 2 + [PeerRecovered] * 2
+    assert (state_of(v, A), state_of(v, B)) == (PeerState.ALIVE, PeerState.ALIVE)
+    assert v.statistics().deaths == 0
 
 
 @pytest.mark.parametrize(
@@ -266,7 +305,8 @@ def test_fresh_heartbeat_recovers_a_suspect_peer() -> None:
 def test_fresh_heartbeat_recovers_a_dead_peer() -> None:
     # Prepare
     v = joined(at=10.0)
-    v.on_timer(15.0)
+    v.on_timer(13.0)
+    v.on_timer(15.0)  # same incarnation, only silent for a while (a loaded machine)
     assert state_of(v) is PeerState.DEAD
     # Execute
     events = v.on_heartbeat(heartbeat(A, 9), 20.0)
@@ -276,10 +316,26 @@ def test_fresh_heartbeat_recovers_a_dead_peer() -> None:
     assert v.statistics().recoveries == 1
 
 
+def test_a_late_copy_of_a_heartbeat_sent_before_the_death_does_not_revive() -> None:
+    # Prepare: A's heartbeat 0 (sent at its time 0) came at 10.0; silent since, dead at 15.0
+    v = joined(at=10.0)
+    v.on_timer(13.0)
+    v.on_timer(15.0)
+    assert state_of(v) is PeerState.DEAD
+    # Execute: heartbeat 1, sent one period after 0 (our 11.0), arrives late from a gossip cache;
+    # then heartbeat 6, sent after the death (our 16.0), arrives
+    late = v.on_heartbeat(heartbeat(A, 1), 17.0)
+    fresh = v.on_heartbeat(heartbeat(A, 6), 17.5)
+    # Assert
+    assert late == [HeartbeatRejected(peer=A, at=17.0, reason=Rejection.STALE)]
+    assert fresh == [PeerRecovered(peer=A, at=17.5, cause=Input.HEARTBEAT)]
+
+
 def test_restarted_peer_with_a_new_incarnation_recovers_and_its_old_one_is_stale() -> None:
     # Prepare: A ran to seq 100, crashed, was declared dead
     v = joined(at=0.0)
     v.on_heartbeat(heartbeat(A, 100), 1.0)
+    v.on_timer(4.0)
     v.on_timer(6.0)
     assert state_of(v) is PeerState.DEAD
     # Execute: it restarts, seq back at 0, then an old heartbeat of its previous life arrives

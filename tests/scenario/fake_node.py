@@ -1,10 +1,10 @@
 """A stand-in for ``fednode start --events``: the same arguments, the same identity block, the same
 JSON events, no network. The demo machinery's tests run federations of these.
 
-It writes its pid to ``<data-dir>/pid``. The reducer plays a session of ``--rounds`` rounds with
-``--min-clients`` clients; the others wait for SIGINT/SIGTERM. Every node prints ``stopped``
-(``bytes_sent`` = :data:`BYTES_SENT`) and exits 0 when it ends cleanly. Faults, from the
-environment (the demo passes its environment on):
+It writes its pid to ``<data-dir>/pid`` and its parent's command line to ``<data-dir>/parent``.
+The reducer plays a session of ``--rounds`` rounds with ``--min-clients`` clients; the others
+wait for SIGINT/SIGTERM. Every node prints ``stopped`` (``bytes_sent`` = :data:`BYTES_SENT`) and
+exits 0 when it ends cleanly. Faults, from the environment (the demo passes its environment on):
 
     FAKE_FAIL_ROUND=r      the reducer reports session-failed at round r and exits 1
     FAKE_HANG=1            the reducer starts the session, then waits for a signal
@@ -53,6 +53,9 @@ def main() -> int:
 
     args.data_dir.mkdir(parents=True, exist_ok=True)
     (args.data_dir / "pid").write_text(str(os.getpid()))
+    parent = Path(f"/proc/{os.getppid()}/cmdline")
+    if parent.exists():  # who started us: the demo, or the zygote it forked us from
+        (args.data_dir / "parent").write_bytes(parent.read_bytes().replace(b"\0", b" "))
     if os.environ.get("FAKE_WORKER"):
         worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         (args.data_dir / "worker.pid").write_text(str(worker.pid))

@@ -1,6 +1,7 @@
 """``fednode demo``'s machinery against stand-in nodes (``fake_node.py``: the ``--events`` contract,
 no network): the result and its ``--json``, the exit code, and that no process it started
-survives it, whether the run completes, fails, a node crashes, or the demo is interrupted."""
+survives it, whether the run completes, fails, a node crashes, or the demo is interrupted; with
+the nodes forked from the zygote and with each a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fednode.scenario.federation import DemoConfig, Federation
+from fednode.scenario.federation import DemoConfig, Federation, Launcher
+from fednode.scenario.launcher import fork_supported
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -25,19 +27,27 @@ BYTES_SENT = 1000  # fake_node.BYTES_SENT, per node
 WAIT = 30.0
 
 
+DEMO = (sys.executable, "-m", "fednode", "demo", "--node-program", " ".join(PROGRAM), "--no-live")
+
+
+@pytest.fixture(params=["fork", "exec"])
+def launcher(request: pytest.FixtureRequest) -> Launcher:
+    how: Launcher = request.param
+    if how == "fork" and not fork_supported():
+        pytest.skip("the zygote needs Linux")
+    return how
+
+
 def demo(
-    data_dir: Path, *args: str, env: dict[str, str] | None = None
+    data_dir: Path, launcher: Launcher, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*DEMO, "--data-dir", str(data_dir), *args],
+        [*DEMO, "--launcher", launcher, "--data-dir", str(data_dir), *args],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
         timeout=WAIT,
     )
-
-
-DEMO = (sys.executable, "-m", "fednode", "demo", "--node-program", " ".join(PROGRAM), "--no-live")
 
 
 def started_pids(data_dir: Path) -> dict[str, int]:
@@ -62,12 +72,15 @@ def survivors(data_dir: Path) -> list[str]:
     return [name for name, pid in started_pids(data_dir).items() if alive(pid)]
 
 
-def test_a_completed_run_reports_writes_json_and_leaves_no_process(tmp_path: Path) -> None:
+def test_a_completed_run_reports_writes_json_and_leaves_no_process(
+    tmp_path: Path, launcher: Launcher
+) -> None:
     # Prepare
     out = tmp_path / "result.json"
     # Execute
     result = demo(
         tmp_path / "data",
+        launcher,
         *("--clients", "3", "--combiners", "2", "--rounds", "4", "--json", str(out)),
         env={"FAKE_WORKER": "1"},
     )
@@ -88,7 +101,11 @@ def test_a_completed_run_reports_writes_json_and_leaves_no_process(tmp_path: Pat
         "total_seconds",
         "startup_seconds",
         "bytes_sent",
+        "model",
+        "events",
+        "heal_seconds",
     }
+    assert (document["events"], document["heal_seconds"]) == ([], [])  # nothing was killed
     assert document["rounds"] == [
         {
             "round": r,
@@ -104,6 +121,9 @@ def test_a_completed_run_reports_writes_json_and_leaves_no_process(tmp_path: Pat
     assert document["bytes_sent"] == 7 * BYTES_SENT  # bootstrap, reducer, 2 combiners, 3 clients
     pids = started_pids(tmp_path / "data")
     assert len(pids) == 14  # 7 nodes, 7 workers
+    parents = {path.read_text() for path in (tmp_path / "data").glob("*/parent")}
+    assert len(parents) == 1  # every node: forked from the zygote, or started by the demo
+    assert ("fednode.scenario.zygote" in parents.pop()) == (launcher == "fork")
     assert survivors(tmp_path / "data") == []
     assert sorted(p.name for p in (tmp_path / "data").glob("*.log")) == sorted(
         ["bootstrap.log", "reducer.log", "combiner-0.log", "combiner-1.log"]
@@ -111,12 +131,15 @@ def test_a_completed_run_reports_writes_json_and_leaves_no_process(tmp_path: Pat
     )
 
 
-def test_session_failed_exits_nonzero_with_one_line_and_cleans_up(tmp_path: Path) -> None:
+def test_session_failed_exits_nonzero_with_one_line_and_cleans_up(
+    tmp_path: Path, launcher: Launcher
+) -> None:
     # Prepare
     out = tmp_path / "result.json"
     # Execute
     result = demo(
         tmp_path / "data",
+        launcher,
         *("--clients", "2", "--rounds", "3", "--json", str(out)),
         env={"FAKE_FAIL_ROUND": "2", "FAKE_WORKER": "1"},
     )
@@ -131,10 +154,13 @@ def test_session_failed_exits_nonzero_with_one_line_and_cleans_up(tmp_path: Path
     assert survivors(tmp_path / "data") == []
 
 
-def test_a_crashed_client_fails_the_run_and_the_rest_are_stopped(tmp_path: Path) -> None:
+def test_a_crashed_client_fails_the_run_and_the_rest_are_stopped(
+    tmp_path: Path, launcher: Launcher
+) -> None:
     # Execute: the reducer never completes, so the crash is what ends the run
     result = demo(
         tmp_path / "data",
+        launcher,
         *("--clients", "3", "--rounds", "2"),
         env={"FAKE_HANG": "1", "FAKE_CRASH_CLIENT": "1", "FAKE_WORKER": "1"},
     )
@@ -146,11 +172,11 @@ def test_a_crashed_client_fails_the_run_and_the_rest_are_stopped(tmp_path: Path)
     assert survivors(tmp_path / "data") == []
 
 
-def test_a_node_that_cannot_start_fails_the_run(tmp_path: Path) -> None:
+def test_a_node_that_cannot_start_fails_the_run(tmp_path: Path, launcher: Launcher) -> None:
     # Execute: the node program dies before its identity block
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "fednode", "demo", "--no-live"),
+            *(sys.executable, "-m", "fednode", "demo", "--no-live", "--launcher", launcher),
             *("--node-program", f"{sys.executable} -c 'import sys; sys.exit(4)'"),
             *("--data-dir", str(tmp_path / "data")),
         ],
@@ -163,9 +189,11 @@ def test_a_node_that_cannot_start_fails_the_run(tmp_path: Path) -> None:
     assert result.stderr.startswith("fednode: error: bootstrap exited with code 4")
 
 
-def test_timeout_fails_the_run_and_cleans_up(tmp_path: Path) -> None:
+def test_timeout_fails_the_run_and_cleans_up(tmp_path: Path, launcher: Launcher) -> None:
     # Execute
-    result = demo(tmp_path / "data", *("--clients", "2", "--timeout", "1"), env={"FAKE_HANG": "1"})
+    result = demo(
+        tmp_path / "data", launcher, *("--clients", "2", "--timeout", "1"), env={"FAKE_HANG": "1"}
+    )
     # Assert
     assert result.returncode == 1
     assert result.stderr == "fednode: error: the session did not complete within 1 s\n"
@@ -178,12 +206,12 @@ def test_timeout_fails_the_run_and_cleans_up(tmp_path: Path) -> None:
     (signal.SIGTERM, 143, "fednode: terminated\n"),
 ])  # fmt: skip
 def test_interrupting_the_demo_stops_every_process_it_started(
-    tmp_path: Path, sig: signal.Signals, code: int, said: str
+    tmp_path: Path, launcher: Launcher, sig: signal.Signals, code: int, said: str
 ) -> None:
     # Prepare: a session that never ends, every node with a worker of its own
     data_dir = tmp_path / "data"
     proc = subprocess.Popen(
-        [*DEMO, "--data-dir", str(data_dir), "--clients", "4"],
+        [*DEMO, "--launcher", launcher, "--data-dir", str(data_dir), "--clients", "4"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -207,11 +235,17 @@ def test_interrupting_the_demo_stops_every_process_it_started(
 
 
 def test_a_node_that_ignores_sigint_is_killed_and_reported(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, launcher: Launcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare
     config = DemoConfig(
-        clients=2, combiners=1, rounds=1, program=PROGRAM, stop_grace=0.5, timeout=WAIT
+        clients=2,
+        combiners=1,
+        rounds=1,
+        program=PROGRAM,
+        stop_grace=0.5,
+        timeout=WAIT,
+        launcher=launcher,
     )
     monkeypatch.setenv("FAKE_STUBBORN", "combiner")
     # Execute
@@ -224,11 +258,11 @@ def test_a_node_that_ignores_sigint_is_killed_and_reported(
     assert [pid for pid in pids if alive(pid)] == []
 
 
-def test_nodes_die_with_a_demo_killed_by_sigkill(tmp_path: Path) -> None:
+def test_nodes_die_with_a_demo_killed_by_sigkill(tmp_path: Path, launcher: Launcher) -> None:
     # Prepare: no cleanup code of the demo can run after a SIGKILL; the kernel has to do it
     data_dir = tmp_path / "data"
     proc = subprocess.Popen(
-        [*DEMO, "--data-dir", str(data_dir), "--clients", "3"],
+        [*DEMO, "--launcher", launcher, "--data-dir", str(data_dir), "--clients", "3"],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "FAKE_HANG": "1"},
@@ -251,10 +285,12 @@ def test_nodes_die_with_a_demo_killed_by_sigkill(tmp_path: Path) -> None:
 
 
 def test_a_reducer_that_lingers_after_the_session_is_stopped_and_reported(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, launcher: Launcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare
-    config = DemoConfig(clients=1, combiners=1, rounds=1, program=PROGRAM, exit_grace=0.2)
+    config = DemoConfig(
+        clients=1, combiners=1, rounds=1, program=PROGRAM, exit_grace=0.2, launcher=launcher
+    )
     monkeypatch.setenv("FAKE_LINGER", "1")
     # Execute
     with Federation(config, tmp_path) as federation:

@@ -1,9 +1,9 @@
 """``fednode demo`` with real nodes: separate ``fednode start`` processes over libp2p on loopback.
 
-(a) a small federation completes and reports every round; (b) what it learns matches an
-in-process FedAvg of the same training with the same seeds. ``FEDNODE_SLOW=1`` runs (b) at the
-issue's size (10 IID clients, 5 rounds, 5 epochs, batch 32); by default it runs a bounded version
-(6 clients, 3 rounds) of the same recipe.
+(a) a small federation completes and reports every round (its nodes forked from the zygote, the
+default launcher); (b) what it learns matches an in-process FedAvg of the same training with the
+same seeds. ``FEDNODE_SLOW=1`` runs (b) at the issue's size (10 IID clients, 5 rounds, 5 epochs,
+batch 32); by default it runs a bounded version (6 clients, 3 rounds) of the same recipe.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from fednode.scenario.launcher import fork_supported
 from fednode.task import digits
 from fednode.task.api import load_task
 from fednode.task.reference import run_reference
@@ -84,6 +85,9 @@ def test_a_small_federation_completes_every_round(tmp_path: Path) -> None:
     assert document["final_accuracy"] == rounds[-1]["accuracy"]
     assert isinstance(document["bytes_sent"], int) and document["bytes_sent"] > 0
     assert "within ±0.005" in stdout
+    # Forked from the zygote, a client forks its worker with the task already loaded
+    client_log = (tmp_path / "data" / "client-0.log").read_text()
+    assert "(worker forked)" in client_log or not fork_supported()
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 from fednode.errors import AggregationError, ConfigError
 from fednode.task import digits
 from fednode.task.api import EvalConfig, Partition, TrainConfig
-from fednode.task.partition import split
+from fednode.task.partition import split, stratified_split
 from fednode.task.reference import fedavg, run_reference
 from fednode.wire.messages import ModelBlob
 from fednode.wire.schema import Model, decode, encode
@@ -52,6 +52,59 @@ def test_data_is_a_stratified_80_20_split_scaled_to_unit_range() -> None:
     test_share = np.bincount(data.y_test) / len(data.y_test)
     assert np.abs(train_share - test_share).max() < 0.01
     assert digits.load_data() is data  # cached per process
+
+
+def test_data_is_what_scikit_learn_gives_without_importing_it() -> None:
+    # Prepare: the arrays load_digits and train_test_split give
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    expected = train_test_split(
+        (x / 16.0).astype(np.float32),
+        y.astype(np.int64),
+        test_size=digits.TEST_FRACTION,
+        stratify=y,
+        random_state=digits.SPLIT_SEED,
+    )
+    code = (
+        "import sys; from fednode.task import digits; digits.load_data();"
+        " print('sklearn' in sys.modules)"
+    )
+    # Execute
+    data = digits.load_data()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # Assert: the same bytes, in the same order (the clients' shares are positions in it)
+    ours_all = (data.x_train, data.x_test, data.y_train, data.y_test)
+    for ours, theirs in zip(ours_all, expected, strict=True):
+        assert ours.dtype == theirs.dtype and ours.tobytes() == theirs.tobytes()
+    assert out.stdout.split() == ["False"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 123])
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.25, 0.5, 0.7])
+def test_stratified_split_draws_what_scikit_learn_draws(seed: int, fraction: float) -> None:
+    # Prepare: ties in the labels' fractional shares make it draw from the random stream
+    from sklearn.model_selection import train_test_split
+
+    counts = [50, 50, 50, 40, 40, 70]  # equal counts, equal fractional shares: ties
+    labels = np.random.default_rng(seed).permutation(np.repeat(np.arange(6) * 3, counts))
+    # Execute
+    train, test = stratified_split(labels, fraction, seed)
+    expected_train, expected_test = train_test_split(
+        np.arange(300), test_size=fraction, stratify=labels, random_state=seed
+    )
+    # Assert
+    assert np.array_equal(train, expected_train) and np.array_equal(test, expected_test)
+
+
+def test_stratified_split_rejects_what_cannot_be_split() -> None:
+    with pytest.raises(ConfigError, match="fraction"):
+        stratified_split(np.arange(10) % 2, 1.0, 0)
+    with pytest.raises(ConfigError, match="cannot split"):
+        stratified_split(np.array([0, 0, 1, 1, 2]), 0.5, 0)  # label 2 has one example
+    with pytest.raises(ConfigError, match="cannot split"):
+        stratified_split(np.arange(20) % 5, 0.1, 0)  # a test part of 2 for 5 labels
 
 
 def _check_shares(shares: list[np.ndarray[Any, Any]], n: int) -> None:
