@@ -358,8 +358,9 @@ def build_tree(
     clients = [p for p in sorted(by_peer) if by_peer[p].has_data]
     if sum(rooms.values()) < len(clients):
         # Every able node is loaded (a busy machine reports every CPU high): an overloaded or
-        # suspect node serving beats clients sitting the round out. Best score first.
-        spare = [p for p in by_peer if p not in rooms and by_peer[p].stands and by_peer[p].spare]
+        # suspect node serving, or an overloaded incumbent keeping the clients it would shed,
+        # beats clients sitting the round out. Best score first.
+        spare = [p for p in by_peer if by_peer[p].stands and by_peer[p].spare > rooms.get(p, 0)]
         spare.sort(key=lambda p: (-score(by_peer[p], policy, home_region=home_region), p))
         for peer in spare:
             if sum(rooms.values()) >= len(clients):
