@@ -241,7 +241,7 @@ def _print_report(console: Console, result: DemoResult, reference: float | None)
     console.print()
     console.print(heading("rounds"))
     console.print(rounds_table(result.rounds))
-    if result.events:
+    if result.heal_seconds:  # kills fired (--kill)
         console.print()
         console.print(heading("failures and healing"))
         for event in result.events:
