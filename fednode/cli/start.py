@@ -3,12 +3,16 @@
 It prints the node's peer ID and full multiaddrs (``/ip4/…/tcp/…/p2p/12D3…``, dialable as they
 are by any libp2p implementation), then logs membership changes on stderr. Every role joins,
 heartbeats, serves status and serves the blobs it holds; ``client``, ``combiner`` and ``reducer``
-then run their part of training sessions (``fednode.node.client``, ``combiner``, ``reducer``):
+then run their part of training sessions (``fednode.node.client``, ``combiner``, ``reducer``,
+``auto``):
 
 - a reducer runs one session (``--session FILE`` and the session flags) and exits 0 once it
   completed, or with the exit code of a ``ProtocolError`` (7) if it failed;
 - clients and combiners follow whatever session their federation runs, until stopped, or, with
-  ``--exit-after-session``, until a session ends (exit 0).
+  ``--exit-after-session``, until a session ends (exit 0);
+- an ``auto`` node (the default role) is a client with data that serves as combiner when the
+  reducer's election picks it, and a standby reducer (``fednode.node.auto``); given
+  ``--session FILE`` it may start that session itself when no explicit reducer is around.
 
 With ``--events`` the node prints one JSON object per line on stdout after its identity block
 (``fednode.node.events``). ``FEDNODE_LOG_MODULES=1`` makes it log, at exit, the top-level modules
@@ -112,7 +116,13 @@ def _add_reducer_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "reducer", "Session settings; flags override the --session file's [session] table."
     )
-    group.add_argument("--session", type=Path, metavar="FILE", help="a TOML file: [session]")
+    group.add_argument(
+        "--session",
+        type=Path,
+        metavar="FILE",
+        help="a TOML file: [session] (for an auto node: a session it may start itself when "
+        "no explicit reducer is around)",
+    )
     group.add_argument(
         "--standby",
         action="store_true",
@@ -225,7 +235,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     standby = bool(getattr(args, "standby", False))
-    session = session_from_args(args) if config.role == "reducer" and not standby else None
+    starts = (config.role == "reducer" and not standby) or (
+        config.role == "auto" and args.session is not None
+    )
+    session = session_from_args(args) if starts else None
     if args.wait_for is not None and args.wait_for < 1:
         from fednode.errors import ConfigError
 
@@ -261,7 +274,7 @@ def _runner(config: NodeConfig, session: tuple[str, SessionConfig] | None) -> Ta
     from fednode.task import DEFAULT_TASK
     from fednode.task.runner import TaskRunner
 
-    if config.role == "client":
+    if config.role in ("client", "auto"):
         return TaskRunner(config.task or DEFAULT_TASK, mode="process")
     if session is not None and session[1].eval_every > 0:
         return TaskRunner(session[1].task, mode="process")
@@ -321,7 +334,8 @@ async def _serve(
                 activity = Activity()
                 # A client joins (heartbeats) once it can train: the reducer counts it then,
                 # and the first round does not wait for torch to load.
-                if runner is None or config.role != "client" or await _warm_up(runner, signals):
+                trains = config.role in ("client", "auto")
+                if runner is None or not trains or await _warm_up(runner, signals):
                     load = activity.load(system_load)
                     async with open_node(config, key, host, load=load) as node:
                         ctx = RoleContext(node, store, events=events, activity=activity)
@@ -407,6 +421,24 @@ async def _run_role(
             from fednode.node.combiner import CombinerDriver
 
             await CombinerDriver(ctx, exit_after_session=args.exit_after_session).run()
+        elif role == "auto":
+            from fednode.node.auto import AutoDriver
+
+            assert runner is not None
+            node_config = ctx.node.config
+            led = await AutoDriver(
+                ctx,
+                runner,
+                partition_index=node_config.partition_index,
+                partition_count=node_config.partition_count,
+                session=session,
+                wait_for=args.wait_for,
+                wait_for_combiners=args.wait_for_combiners,
+                lease=args.lease,
+                exit_after_session=args.exit_after_session,
+            ).run()
+            if led is not None and led.outcome != "completed":
+                code = exit_code_for(ProtocolError(led.reason))
         elif role == "client":
             from fednode.node.client import ClientDriver
 

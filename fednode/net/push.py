@@ -312,6 +312,7 @@ class PushServerStatistics:
     failed: int
     active: int
     bytes_received: int
+    local: int  #: offers from this very node (:meth:`PushServer.deliver_local`)
 
 
 class PushServer(Generic[M]):
@@ -350,7 +351,9 @@ class PushServer(Generic[M]):
         self.max_concurrent = max_concurrent
         self.timeout = timeout
         self.stall_timeout = stall_timeout
-        self._counts = dict.fromkeys(("offers", "refused", "stored", "rejected", "failed"), 0)
+        self._counts = dict.fromkeys(
+            ("offers", "refused", "stored", "rejected", "failed", "local"), 0
+        )
         self._active = 0
         self._bytes_received = 0
 
@@ -372,6 +375,45 @@ class PushServer(Generic[M]):
             raise
         else:
             await _close(stream)
+
+    async def deliver_local(self, sealed: bytes) -> PushResult:
+        """Take a push from this very node (an ``auto`` node elected combiner pushes its own
+        update to itself): the same checks and answers as over the wire, without a stream. The
+        blob must already be in this server's store (the sender and receiver share it).
+
+        Raises:
+            WireError, CryptoError: ``sealed`` is not a valid envelope of the protocol's message.
+            TransferError: ``on_stored`` rejected it.
+        """
+        self._counts["offers"] += 1
+        self._counts["local"] += 1
+        msg, envelope = open_envelope(sealed, self.kind.message)
+        key, size = self.kind.blob(msg)
+        if size > self.max_size:
+            self._counts["refused"] += 1
+            return PushResult(status="refused", reason="too-large", bytes_sent=0)
+        if not self.store.has(key):
+            raise LocalProtocolError("a local push of a blob the store does not hold")
+        reason = self.admit(msg, envelope)
+        if reason is not None:
+            self._counts["refused"] += 1
+            return PushResult(status="refused", reason=reason, bytes_sent=0)
+        self._active += 1
+        stored = False
+        try:
+            self.store.pin(key)  # the receiver's own pin, as a pushed blob gets
+            reason = await self.on_stored(msg, envelope) if self.on_stored else None
+            if reason is not None:  # as a "rejected" ack is to a remote sender
+                self.store.unpin(key)
+                self._counts["rejected"] += 1
+                raise TransferError(f"the receiver rejected the {self.kind.noun}: {reason}")
+            self._counts["stored"] += 1
+            stored = True
+            return PushResult(status="already-held", reason="", bytes_sent=0)
+        finally:
+            self._active -= 1
+            if not stored and self.on_abandoned is not None:
+                self.on_abandoned(msg, "rejected" if reason else "cancelled")
 
     async def _reply(
         self, stream: Stream, status: Literal["accept", "have", "refuse"], reason: str = ""

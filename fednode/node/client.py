@@ -30,14 +30,14 @@ import math
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from fednode.crypto import seal_bytes
-from fednode.errors import ConfigError, TransportError
+from fednode.errors import ConfigError, TransferError, TransportError
 from fednode.net.blob import fetch_blob
-from fednode.net.push import push_update
+from fednode.net.push import PushResult, push_update
 from fednode.node.context import RoleContext, Unpinner, load_model, put_model
 from fednode.protocol.client import (
     Cancel,
@@ -55,6 +55,9 @@ from fednode.task.api import is_path_spec
 from fednode.task.runner import TaskRunner
 from fednode.wire import Digest, Envelope, Nonce, PeerId, RoundPlan, RoundResult, SessionEnded
 
+if TYPE_CHECKING:
+    from fednode.node.combiner import CombinerDriver
+
 log = logging.getLogger(__name__)
 
 #: Refusals that mean "not now" rather than "not this update": retried like a broken push.
@@ -69,6 +72,9 @@ END_GRACE = 4
 #: (and its hearing of the plan) before ours. Larger models come from the combiner first, so
 #: the reducer's upload is not shared by every client.
 DIRECT_FETCH_SIZE = 1 << 20
+#: Seconds an ``auto`` node that is its own combiner waits for its combiner half to fetch the
+#: round's model before fetching it from the plan's holders itself.
+LOCAL_MODEL_WAIT = 10.0
 
 
 def same_task(session_task: str, ours: str) -> bool:
@@ -97,6 +103,7 @@ class ClientDriver:
         partition_index: int = 0,
         partition_count: int = 1,
         exit_after_session: bool = False,
+        local_combiner: CombinerDriver | None = None,
     ) -> None:
         if not 0 <= partition_index < partition_count:
             raise ConfigError("need 0 <= partition_index < partition_count")
@@ -105,6 +112,7 @@ class ClientDriver:
         self.partition_index = partition_index
         self.partition_count = partition_count
         self.exit_after_session = exit_after_session
+        self.local_combiner = local_combiner
         self.machine = ClientMachine(
             peer=ctx.peer,
             public_key=ctx.node.key.public_key,
@@ -272,10 +280,15 @@ class ClientDriver:
             started = trio.current_time()
             self.ctx.events.emit("fetch-started", round=action.round)
             holders = action.holders  # our combiner, then the plan's holders (the reducer)
-            if action.size <= DIRECT_FETCH_SIZE and len(holders) > 1:
+            if self.ctx.peer in holders:  # we are our own combiner: its fetch is ours
+                holders = tuple(h for h in holders if h != self.ctx.peer)
+                if self.local_combiner is not None:
+                    with trio.move_on_after(LOCAL_MODEL_WAIT):
+                        await self.local_combiner.wait_for_model(action.model)
+            elif action.size <= DIRECT_FETCH_SIZE and len(holders) > 1:
                 holders = (*holders[1:], holders[0])
             try:
-                for holder in action.holders[:2]:
+                for holder in holders[:2]:
                     await self.ctx.reach(holder)
                 await fetch_blob(
                     self.ctx.host,
@@ -365,8 +378,13 @@ class ClientDriver:
             sealed = seal_bytes(self.ctx.node.key, update)
             started = trio.current_time()
             try:
-                await self.ctx.reach(action.combiner)
-                result = await push_update(self.ctx.host, action.combiner, sealed, self.ctx.store)
+                if action.combiner == self.ctx.peer:  # an auto node elected combiner
+                    result = await self._push_to_self(sealed)
+                else:
+                    await self.ctx.reach(action.combiner)
+                    result = await push_update(
+                        self.ctx.host, action.combiner, sealed, self.ctx.store
+                    )
             except TransportError as exc:
                 log.info("round %d: pushing the update failed: %s", update.round, exc)
                 self._queue(self.machine.on_push_failed(update.update, trio.current_time()))
@@ -397,5 +415,12 @@ class ClientDriver:
                 )
                 self._queue(self.machine.on_push_refused(update.update, result.reason, now))
 
+    async def _push_to_self(self, sealed: bytes) -> PushResult:
+        """Hand our update to the combiner half of this node (no stream: a libp2p host does not
+        dial itself); the same admission and counting as a pushed update."""
+        if self.local_combiner is None:
+            raise TransferError("the plan makes us a combiner, and this node runs none")
+        return await self.local_combiner.deliver_local(sealed)
 
-__all__ = ["DIRECT_FETCH_SIZE", "RETRY_REFUSALS", "ClientDriver", "same_task"]
+
+__all__ = ["DIRECT_FETCH_SIZE", "LOCAL_MODEL_WAIT", "RETRY_REFUSALS", "ClientDriver", "same_task"]

@@ -34,9 +34,16 @@ import trio
 
 from fednode.aggregation import StreamingMean
 from fednode.crypto import seal_bytes
-from fednode.errors import AggregationError, TransportError, WireError
+from fednode.errors import (
+    AggregationError,
+    CryptoError,
+    LocalProtocolError,
+    TransferError,
+    TransportError,
+    WireError,
+)
 from fednode.net.blob import fetch_blob
-from fednode.net.push import PushServer, push_partial, serve_push
+from fednode.net.push import PushResult, PushServer, push_partial, serve_push
 from fednode.node.context import (
     Layout,
     Params,
@@ -136,6 +143,27 @@ class CombinerDriver:
         while (plan := self.machine.plan) is None or plan.round < round:
             await self._followed.wait()
         return plan
+
+    async def deliver_local(self, sealed: bytes) -> PushResult:
+        """Take an update this node's own client pushes to it (an ``auto`` node elected
+        combiner): the checks and counting of a pushed update, the blob already in our store.
+
+        Raises:
+            TransportError: we do not serve pushes yet (not running), or the stored update was
+                rejected (as a remote push's ``rejected`` ack: the client retries).
+        """
+        if self.push_server is None:
+            raise TransferError("the combiner is not running yet")
+        try:
+            return await self.push_server.deliver_local(sealed)
+        except (WireError, CryptoError) as exc:  # our own seal: a bug, not a peer's fault
+            raise LocalProtocolError(f"our own update does not open: {exc}") from exc
+
+    async def wait_for_model(self, model: Digest) -> None:
+        """Return once ``model`` is in our store: an ``auto`` node's client waits here for the
+        global model its combiner half fetches, rather than fetching it a second time."""
+        while not self.ctx.store.has(model):
+            await self._ready.setdefault(model, trio.Event()).wait()
 
     def _queue(self, actions: Sequence[CombinerAction]) -> None:
         for action in actions:

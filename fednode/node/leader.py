@@ -80,7 +80,7 @@ class ReducerSeat:
         wait_for, wait_for_combiners: as :class:`~fednode.node.reducer.ReducerDriver`.
         lease: the lease this node grants itself when it leads, seconds (default: five
             heartbeat periods, about the failure detector's time to call a peer dead).
-        exit_after_session: return once the session ended (a standby otherwise stays).
+        ignore: sessions to take no part in (those an ``auto`` node's earlier seats saw end).
     """
 
     def __init__(
@@ -92,8 +92,10 @@ class ReducerSeat:
         wait_for: int | None = None,
         wait_for_combiners: int = 1,
         lease: float | None = None,
+        ignore: frozenset[str] = frozenset(),
     ) -> None:
         self.ctx = ctx
+        self.ignore = ignore
         self.session = session
         self.runner = runner
         self.wait_for = wait_for
@@ -106,7 +108,7 @@ class ReducerSeat:
             public_key=ctx.node.key.public_key,
             federation=ctx.node.config.federation,
             session=None if session is None else session[0],
-            role=role if session is None else "reducer",
+            role=role if session is None or role == "auto" else "reducer",
             lease=self.lease,
             margin=interval,
             stagger=4 * interval,
@@ -117,6 +119,7 @@ class ReducerSeat:
         )
         self.ended: SessionEnded | None = None
         self.driver: ReducerDriver | None = None
+        self.led = False  #: whether this seat ever took a term
         self._newest: bytes | None = None
         self._prefetched: list[
             Digest
@@ -184,6 +187,8 @@ class ReducerSeat:
                 self.ctx.node.invalid_messages += 1
                 log.info("dropped an invalid checkpoint from %s: %s", source, exc)
                 return
+            if checkpoint.session in self.ignore:
+                return
             before = self.machine.checkpoint
             self._queue(self.machine.on_checkpoint(checkpoint, now))
             if self.machine.checkpoint is not before:
@@ -202,6 +207,8 @@ class ReducerSeat:
                     self._prefetch(checkpoint)
             return
         msg = self.ctx.open_round_message(envelope, source)
+        if msg is None or msg.session in self.ignore:
+            return
         if isinstance(msg, RoundPlan | RoundResult):
             self._queue(self.machine.on_round_message(msg, now))
         elif isinstance(msg, SessionEnded):
@@ -290,6 +297,7 @@ class ReducerSeat:
             gate=self.wait_closing,
         )
         self.driver = driver
+        self.led = True
         if checkpoint is not None:
             await self.publish_checkpoint()  # our lease runs from now, before any fetch
         assert self._nursery is not None

@@ -323,9 +323,8 @@ class ReducerDriver:
 
     def _candidates(self) -> tuple[Candidate, ...]:
         """The live members as the election sees them (load, CPU, bandwidth, RTT, region). A
-        suspect peer is most likely slow, not gone: only the detector's "dead" excludes. Nodes
-        of role ``auto`` take no part until their runtime serves both roles."""
-        members = [m for m in self.ctx.node.view.members() if m.role != "auto"]
+        suspect peer is most likely slow, not gone: only the detector's "dead" excludes."""
+        members = self.ctx.node.view.members()
         return candidates_of(members, session=self.session, exclude=[self.ctx.peer])
 
     def _eligible(self) -> tuple[list[PeerId], list[CombinerLoad]]:

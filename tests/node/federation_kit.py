@@ -19,6 +19,7 @@ from fednode.crypto import NodeKey, open_envelope
 from fednode.net.blobstore import BlobStore
 from fednode.net.interface import Host
 from fednode.net.memory import MemoryNetwork
+from fednode.node.auto import AutoDriver
 from fednode.node.client import ClientDriver
 from fednode.node.combiner import CombinerDriver
 from fednode.node.config import NodeConfig
@@ -117,8 +118,9 @@ class Outcome:
     reducer: Member
     reducer_driver: ReducerDriver
     combiners: list[Member]
-    clients: list[Member]
+    clients: list[Member]  #: every node with data, the ``auto`` ones last
     results: list[RoundResult]
+    autos: list[AutoDriver] = field(default_factory=list)
 
     async def final_model(self) -> dict[str, np.ndarray[Any, Any]]:
         params, _ = await load_model(self.reducer.ctx.store, self.ended.model)
@@ -145,13 +147,16 @@ async def run_session(
     *,
     clients: int = 4,
     combiners: int = 2,
+    autos: int = 0,
+    auto_capacity: int = 2,
     runner: Callable[[int], TaskRunner] | None = None,
     wait_included: bool = True,
     limit: float = 90.0,
 ) -> Outcome:
     """Run one session to its end: the reducer, ``combiners`` combiners and ``clients``
-    clients (client ``i`` trains partition ``i`` of ``clients``). With ``wait_included``, also
-    wait until every client saw each of its updates that a result counts included."""
+    clients, then ``autos`` nodes of role ``auto`` (capacity ``auto_capacity``); data node ``i``
+    trains partition ``i`` of ``clients + autos``. With ``wait_included``, also wait until every
+    data node saw each of its updates that a result counts included."""
     make_runner = runner or thread_runner(config.task)
     # Loaded once up front: thread-mode runners loading one task file side by side can see it
     # half-imported (fednode.task.api registers a file's module before running it).
@@ -162,14 +167,24 @@ async def run_session(
             await fed.add(f"combiner-{i}", "combiner", 10 + i) for i in range(combiners)
         ]
         client_members = [await fed.add(f"client-{i}", "client", 20 + i) for i in range(clients)]
-        runners = [make_runner(i) for i in range(clients)]
+        auto_members = [
+            await fed.add(f"auto-{i}", "auto", 40 + i, capacity=auto_capacity) for i in range(autos)
+        ]
+        data = clients + autos
+        runners = [make_runner(i) for i in range(data)]
+        auto_drivers = [
+            AutoDriver(
+                member.ctx, runners[clients + i], partition_index=clients + i, partition_count=data
+            )
+            for i, member in enumerate(auto_members)
+        ]
         reducer_driver = ReducerDriver(
             reducer.ctx,
             config,
             "s1",
             runner=TaskRunner(config.task, mode="thread"),
-            wait_for=clients,
-            wait_for_combiners=combiners,
+            wait_for=data,
+            wait_for_combiners=max(combiners, 1),
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -177,9 +192,12 @@ async def run_session(
                     nursery.start_soon(CombinerDriver(member.ctx).run)
                 for i, member in enumerate(client_members):
                     driver = ClientDriver(
-                        member.ctx, runners[i], partition_index=i, partition_count=clients
+                        member.ctx, runners[i], partition_index=i, partition_count=data
                     )
                     nursery.start_soon(driver.run)
+                for auto in auto_drivers:
+                    nursery.start_soon(auto.run)
+                client_members += auto_members
                 with trio.fail_after(limit):
                     ended = await reducer_driver.run()
                     results = read_results(reducer_driver, reducer)
@@ -197,6 +215,7 @@ async def run_session(
             combiners=combiner_members,
             clients=client_members,
             results=results,
+            autos=auto_drivers,
         )
 
 

@@ -101,6 +101,29 @@ async def test_a_session_completes_and_equals_flat_fedavg(tmp_path: Path) -> Non
     assert pushed == 4
 
 
+async def test_auto_nodes_elected_combiners_count_their_own_update_once(tmp_path: Path) -> None:
+    # Prepare: no combiner at all; four auto nodes with room for two clients each, so the
+    # reducer must elect two of them, each aggregating itself and one other.
+    config = session_config(rounds=2, min_clients=4)
+    # Execute
+    outcome = await run_session(tmp_path, config, clients=0, combiners=0, autos=4)
+    final = await outcome.final_model()
+    # Assert
+    assert outcome.ended.outcome == "completed" and outcome.ended.rounds == 2
+    _assert_every_client_once(outcome, 2)
+    autos = {m.key.public_key for m in outcome.clients}
+    for result in outcome.results:
+        assert len(result.partials) == 2
+        assert {p.combiner for p in result.partials} <= autos
+    _assert_close_to_reference(outcome, final, LINREG)
+    pushes = [a.combiner.push_server.statistics() for a in outcome.autos if a.combiner.push_server]
+    # Each elected auto node took its own update without a stream, once a round, and one
+    # other node's over the wire: 2 rounds x 2 combiners local, 2 x 4 stored in all.
+    assert sum(s.local for s in pushes) == 4
+    assert sum(s.stored for s in pushes) == 8
+    assert sum(s.rejected for s in pushes) == 0
+
+
 async def test_the_digits_task_trains_to_the_reference(tmp_path: Path) -> None:
     # Prepare: the built-in torch task, small
     config = session_config(
