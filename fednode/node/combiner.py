@@ -188,6 +188,13 @@ class CombinerDriver:
                     len(clients),
                 )
                 self._forward(encode(envelope), clients)
+                if clients:
+                    self.ctx.events.emit(
+                        "combiner-assigned",
+                        round=msg.round,
+                        amendment=msg.amendment,
+                        clients=len(clients),
+                    )
             if plan is not None:
                 self.ctx.activity.session = plan.session
                 self.ctx.activity.round = plan.round

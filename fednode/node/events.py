@@ -5,14 +5,26 @@ happens, for a parent process (``fednode demo``) to follow. Every event has an `
 and ``"t"``, the node's wall clock in seconds since the epoch::
 
     reducer   session-started   session, rounds, clients, combiners
+              round-planned     round, amendment, term, clients, combiners
+              round-closed      round, partials
+              combiner-lost     round, combiner, orphans
               round-completed   round, accuracy, loss, seconds, clients_included, num_examples,
                                 fetch_s, train_s, push_s, aggregate_s, bytes_sent
               session-completed rounds, final_accuracy, model (hex digest)
               session-failed    reason
-    combiner  partial-pushed    round, contributions
-    client    update-pushed     round, num_examples, train_seconds
+    seat      reducer-elected   term, session, resume_round
+              reducer-stepped-down, reducer-suspended   term
+              reducer-resume-failed                     reason
+    combiner  combiner-assigned round, amendment, clients (a plan gives it clients)
+              partial-pushed    round, contributions
+    client    fetch-started     round
+              model-fetched     round
+              update-pushed     round, num_examples, train_seconds
               update-included   round
     any node  stopped           bytes_sent (on a clean exit)
+
+A *seat* is a reducer-eligible node (``--role reducer``, ``auto``); an ``auto`` node reports the
+combiner's and the client's events too.
 
 ``accuracy``, ``loss`` and ``final_accuracy`` are the reducer's evaluation of the global model
 (null in a round without one). The phase times split a round's ``seconds`` as the reducer sees it
