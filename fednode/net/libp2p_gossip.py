@@ -65,6 +65,7 @@ class Gossip:
         self._topics: dict[str, list[trio.MemorySendChannel[GossipMessage]]] = {}
         self._publish_lock = trio.Lock()
         self._next_publish = 0.0
+        self._stuck: set[Any] = set()  # peers whose queue stayed half full a whole queue_wait
 
     async def subscribe(
         self, topic: str, nursery: trio.Nursery
@@ -118,12 +119,25 @@ class Gossip:
 
     async def _wait_for_queue_room(self) -> None:
         """Wait while some peer's outbound RPC queue (32 RPCs) is at least half full: libp2p
-        drops what does not fit, silently. A peer that stays full for ``queue_wait`` is stuck;
-        we publish anyway and let it miss the message. (The publish interval protects the
-        queues of the peers that relay our messages, which we cannot see.)"""
-        with trio.move_on_after(self._queue_wait):
-            while any(_half_full(queue) for queue in self._pubsub.peer_queues.values()):
+        drops what does not fit, silently. A peer that stays half full for ``queue_wait`` is
+        stuck (frozen, or starved of CPU): we publish anyway and let it miss the message, and
+        later publishes do not wait for it again until its queue drains below half. One slow
+        peer must not hold back every message we send (our heartbeats above all: late ones
+        make the others call us dead). (The publish interval protects the queues of the peers
+        that relay our messages, which we cannot see.)"""
+        queues = self._pubsub.peer_queues
+        self._stuck = {p for p in self._stuck if p in queues and _half_full(queues[p])}
+        with trio.move_on_after(self._queue_wait) as scope:
+            while self._waiting_for(queues):
                 await trio.sleep(max(self._publish_interval, _MIN_POLL))
+        if scope.cancelled_caught:
+            stuck = self._waiting_for(queues)
+            logger.info("gossip: %d peer(s) not reading; publishing past them", len(stuck))
+            self._stuck.update(stuck)
+
+    def _waiting_for(self, queues: Any) -> list[Any]:
+        """The peers, not known stuck, whose outbound queue is at least half full."""
+        return [p for p, q in list(queues.items()) if p not in self._stuck and _half_full(q)]
 
     def close(self) -> None:
         """End every subscriber's channel."""

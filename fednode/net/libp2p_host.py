@@ -10,7 +10,8 @@ identify, ping, GossipSub), with a workaround for each sharp edge of that releas
 (c) GossipSub: 1 s heartbeat (stock 120 s), its "adaptive" mode off (it stretches the heartbeat
     to 30-60 s when the mesh looks thin), spam limit off (10 msg/s/topic, our own publishes
     included), ``publish`` paced (at most one per ``publish_interval``, and waits while a peer's
-    32-RPC outbound queue is half full, since a full queue drops silently), messages of
+    32-RPC outbound queue is half full, since a full queue drops silently, but at most
+    ``publish_queue_wait`` for a peer that does not read: then it is skipped), messages of
     ``gossip_max_message`` (512 KiB) or more refused with TransportError (libp2p drops RPCs over
     1 MiB without a word).
 (d) Inbound leak: each inbound connection held its task and a limiter slot until the swarm
@@ -439,6 +440,7 @@ async def open_libp2p_host(
     gossip_heartbeat: float = 1.0,
     gossip_max_message: int = GOSSIP_MAX_MESSAGE,
     publish_interval: float = 0.02,
+    publish_queue_wait: float = 1.0,
     send_timeout: float = 30.0,
     stall_timeout: float = 15.0,
     dial_timeout: float = 10.0,
@@ -453,6 +455,9 @@ async def open_libp2p_host(
         gossip_max_message: ``publish`` refuses payloads of this many bytes or more; at most
             :data:`GOSSIP_MAX_MESSAGE` (libp2p's 1 MiB RPC limit must also hold the envelope).
         publish_interval: minimum spacing of our publishes, seconds (50/s by default).
+        publish_queue_wait: longest a publish waits for a peer's half-full outbound queue to
+            drain; a peer still half full then is stuck and no longer waited for (until its
+            queue drains), so one slow peer does not delay every heartbeat.
         send_timeout: deadline of one ``send_all``; stall_timeout: longest time a write may
             make no progress. Either expiring disconnects the peer.
         dial_timeout: deadline of ``connect`` and ``open_stream``.
@@ -473,7 +478,7 @@ async def open_libp2p_host(
         lhost.get_id(),
         max_message=gossip_max_message,
         publish_interval=publish_interval,
-        queue_wait=stall_timeout,
+        queue_wait=publish_queue_wait,
         subscription_buffer=subscription_buffer,
     )
     limits = StreamLimits(send_timeout=send_timeout, stall_timeout=stall_timeout)
