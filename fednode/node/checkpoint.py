@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import trio
 
 from fednode.aggregation import ServerOptimizer
 from fednode.errors import TransportError, WireError
@@ -101,23 +102,45 @@ def make_checkpoint(
 
 
 async def fetch_state_blob(ctx: RoleContext, ref: BlobRef, holders: Iterable[PeerId]) -> None:
-    """Have blob ``ref`` in our store (pinned): from the checkpoint's holders, then any peer."""
+    """Have blob ``ref`` in our store (pinned): from the checkpoint's holders, then any peer;
+    those alive in our view first (a checkpoint names its reducer first, which may be the peer
+    that just died). A fetch of the same blob under way (a prefetch when a takeover resumes)
+    is waited for, not doubled.
+
+    Raises:
+        TransportError: no peer had it.
+    """
+    while (running := ctx.state_fetches.get(ref.digest)) is not None:
+        await running.wait()
     if ctx.store.has(ref.digest):
         ctx.store.pin(ref.digest)
         return
-    peers = [p for p in dict.fromkeys(holders) if p != ctx.peer]
-    peers += [m.peer for m in ctx.node.view.members() if m.peer not in peers]
-    for peer in peers[:4]:
-        await ctx.reach(peer)
-    await fetch_blob(
-        ctx.host,
-        peers,
-        ref.digest,
-        ctx.store,
-        max_size=min(ref.size, MAX_STATE_BLOB),
-        expected_size=ref.size,
-        pin=True,
-    )
+    done = ctx.state_fetches[ref.digest] = trio.Event()
+    try:
+        alive = {m.peer for m in ctx.node.view.members() if m.state is PeerState.ALIVE}
+        peers = [p for p in dict.fromkeys(holders) if p != ctx.peer]
+        peers += [m.peer for m in ctx.node.view.members() if m.peer not in peers]
+        peers.sort(key=lambda p: p not in alive)  # stable: the holders' order kept
+        for peer in [p for p in peers if p in alive][:4]:
+            await ctx.reach(peer)
+        started = trio.current_time()
+        await fetch_blob(
+            ctx.host,
+            peers,
+            ref.digest,
+            ctx.store,
+            max_size=min(ref.size, MAX_STATE_BLOB),
+            expected_size=ref.size,
+            pin=True,
+        )
+        log.info(
+            "state blob %s fetched in %.2f s",
+            ref.digest.hex()[:16],
+            trio.current_time() - started,
+        )
+    finally:
+        del ctx.state_fetches[ref.digest]
+        done.set()
 
 
 async def resume_from(

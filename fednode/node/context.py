@@ -94,6 +94,10 @@ class RoleContext:
         # sends every client and combiner to fetch at once.
         self.blobs: BlobServer = serve_blobs(node.host, store, max_concurrent=BLOB_CONCURRENCY)
         self.pushed_bytes = 0  #: bytes of the updates and partials this node pushed
+        #: Blobs a role is fetching for the session's state (checkpoint prefetches, a resume),
+        #: each with an event set when that fetch ends: a second fetch of one blob into one
+        #: store waits for the first instead of failing ("already running").
+        self.state_fetches: dict[Digest, trio.Event] = {}
         self.wall_offset_ms = time.time() * 1000 - trio.current_time() * 1000
 
     @property

@@ -46,6 +46,7 @@ from fednode.protocol.leader_actions import (
     TakeOver,
     open_session_checkpoint,
     peers_seen,
+    reducer_score,
 )
 from fednode.wire import (
     BlobRef,
@@ -137,18 +138,23 @@ class ReducerSeat:
         node = self.ctx.node
         node.on_control(self._on_control)
         node.on_membership(self._on_membership)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._dispatch)
-            nursery.start_soon(self._run_timers)
-            if self.runner is not None and self.session is None:
-                nursery.start_soon(self._warm_up, self.runner)
-            now = trio.current_time()
-            self._queue(self.machine.on_view(peers_seen(node.view), now))
-            if self.session is not None:
-                self._queue(self.machine.start(now))
-            await self._finished.wait()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._dispatch)
+                nursery.start_soon(self._run_timers)
+                if self.runner is not None and self.session is None:
+                    nursery.start_soon(self._warm_up, self.runner)
+                now = trio.current_time()
+                self._queue(self.machine.on_view(peers_seen(node.view), now, score=self._score()))
+                if self.session is not None:
+                    self._queue(self.machine.start(now))
+                await self._finished.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            # The node keeps calling the handlers we registered (an auto node runs one seat per
+            # session): they must take nothing more, nor start tasks in a closed nursery.
+            self._nursery = None
         return self.ended
 
     async def _warm_up(self, runner: TaskRunner) -> None:
@@ -170,15 +176,22 @@ class ReducerSeat:
     async def wait_closing(self) -> None:
         """Return once this node may close a round: it leads, past its probation after a
         takeover, its lease running, a majority of the members in sight."""
+        poll = self.ctx.node.config.heartbeat_interval / 4
         while True:
             now = trio.current_time()
+            at = self.machine.closing_from
+            if now < at < math.inf:  # probation: fresh heartbeats from a majority end it early
+                self._queue(self.machine.on_view(peers_seen(self.ctx.node.view), now))
+                at = min(at, now + poll)
             if self.machine.closing_allowed(now):
                 return
-            changed, at = self._gate_changed, self.machine.closing_from
+            changed = self._gate_changed
             with trio.move_on_at(at if at > now else math.inf):
                 await changed.wait()
 
     def _on_control(self, envelope: Envelope, source: PeerId) -> None:
+        if self._nursery is None:  # not running (see run)
+            return
         now = trio.current_time()
         if envelope.domain == CHECKPOINT_DOMAIN:
             try:
@@ -217,7 +230,17 @@ class ReducerSeat:
                 self._session_over(msg)
 
     def _on_membership(self, events: Sequence[object]) -> None:
-        self._queue(self.machine.on_view(peers_seen(self.ctx.node.view), trio.current_time()))
+        if self._nursery is None:  # not running (see run)
+            return
+        view = peers_seen(self.ctx.node.view)
+        self._queue(self.machine.on_view(view, trio.current_time(), score=self._score()))
+
+    def _score(self) -> float | None:
+        """Our standby rank score as our peers compute it, from our latest heartbeat: ranked by
+        any other score (the machine's default 0), every standby would put all the others first
+        and all would claim the same term at once."""
+        heartbeat = self.ctx.node.last_heartbeat
+        return None if heartbeat is None else reducer_score(heartbeat)
 
     async def _run_timers(self) -> None:
         while True:
@@ -326,7 +349,9 @@ class ReducerSeat:
         wanted = [BlobRef(digest=checkpoint.model, size=checkpoint.size)]
         if checkpoint.optimizer is not None:
             wanted.append(checkpoint.optimizer)
-        if self._nursery is None or all(self.ctx.store.has(r.digest) for r in wanted):
+        if self._nursery is None or all(
+            self.ctx.store.has(r.digest) or r.digest in self.ctx.state_fetches for r in wanted
+        ):
             return
         for old in self._prefetched:
             self.ctx.store.unpin(old)

@@ -20,7 +20,8 @@ election"), where the rules are argued; in short:
   score, then lowest peer ID); the next waits ``stagger`` more per rank;
 - a reducer closes rounds, renews its lease and a candidate takes over only while it *sees* a
   strict majority of the checkpoint's ``members``: itself, and members ALIVE in its view; a new
-  reducer closes rounds only ``detection`` seconds after taking over.
+  reducer closes rounds only ``detection`` seconds after taking over, or sooner once a majority
+  of the members were heard from after it took over.
 """
 
 from __future__ import annotations
@@ -200,6 +201,7 @@ class LeaderMachine:
         self._term = 0  # the term we lead (LEADING, STALLED, RESUMING)
         self._own_lease_end = float("-inf")
         self._closing_from = float("inf")  # a new reducer's first closing time
+        self._led_since = float("inf")  # when we took our term
         self._renew_at = self._claim_at = self._resume_at = float("inf")
         self._grace_end: float | None = None
         self._announced_at = float("-inf")
@@ -372,11 +374,15 @@ class LeaderMachine:
     # --- queries ---
 
     def closing_allowed(self, now: float) -> bool:
-        """Whether we may close a round now: we lead (for ``detection`` seconds at least), our
-        lease runs and we see a majority."""
+        """Whether we may close a round now: we lead, past our probation, our lease runs and we
+        see a majority. The probation after a takeover ends ``detection`` later, or as soon as a
+        majority of the members gave fresh evidence they are up (the view's ``heard``, after
+        the takeover): a partition that cut us off before we took over keeps that majority
+        silent, so the view needs no time to catch up."""
         return (
             self._state is State.LEADING
-            and self._closing_from <= now < self._own_lease_end
+            and now < self._own_lease_end
+            and (self._closing_from <= now or self._heard_since(self._led_since))
             and self._quorum()
         )
 
@@ -465,6 +471,7 @@ class LeaderMachine:
         self._own_lease_end = self._lease_end = now + self.lease
         self._renew_at = now + self.lease / 3
         self._closing_from = now + self.detection
+        self._led_since = now
         return self._go(inp, [TakeOver(term=term, checkpoint=self._checkpoint)])
 
     # --- internals: time ---
@@ -522,6 +529,26 @@ class LeaderMachine:
         members = self._checkpoint.members
         return 2 * sum(1 for m in members if self._sees(m)) > len(members)
 
+    def _heard_since(self, since: float) -> bool:
+        """Whether a strict majority of the newest checkpoint's members (we count) were heard
+        from after ``since``, and are seen now."""
+        if self._checkpoint is None:
+            return False
+        members = self._checkpoint.members
+
+        def fresh(peer: PeerId) -> bool:
+            if peer == self.peer:
+                return True
+            seen = self._view.get(peer)
+            return (
+                seen is not None
+                and seen.state is PeerState.ALIVE
+                and seen.heard is not None
+                and seen.heard > since
+            )
+
+        return 2 * sum(1 for m in members if fresh(m)) > len(members)
+
     def _standing(self, peer: PeerId) -> bool:
         seen = self._view.get(peer)
         return seen is not None and seen.standing
@@ -578,15 +605,18 @@ class LeaderMachine:
 
     def _claim_term(self) -> int:
         """The highest term seen + 1, + 1 more for every standby ranked before us that was still
-        standing once the race started: it may have claimed a term we never heard of."""
-        base, holder = self._base(), self._holder_peer()
+        standing once the lease ended (less ``margin``, for delivery): it may have claimed a term
+        we never heard of. (Not from the race's start: a holder that comes back moves the race
+        later, after a rival cut off by a partition may have claimed already.)"""
+        holder = self._holder_peer()
+        since = min(self._base(), self._lease_end - self.margin)
         me = rank_key(self._me())
         ahead = sum(
             1
             for p in self._eligible.values()
             if p.peer != holder
             and (holder == self.peer or rank_key(p) < me)
-            and (self._standing(p.peer) or self._down_since.get(p.peer, base) >= base)
+            and (self._standing(p.peer) or self._down_since.get(p.peer, since) >= since)
         )
         return self._highest + 1 + ahead
 

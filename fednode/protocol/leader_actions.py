@@ -136,6 +136,7 @@ class PeerSeen:
     state: PeerState
     role: Role  #: the role it last announced: ``reducer`` and ``auto`` are eligible
     score: float = 0.0  #: higher ranks first among eligible peers of the same kind
+    heard: float | None = None  #: when the latest evidence it is up arrived (None: unknown)
 
     @property
     def eligible(self) -> bool:
@@ -166,7 +167,11 @@ def peers_seen(
 
     def seen(info: PeerInfo) -> PeerSeen:
         return PeerSeen(
-            peer=info.peer, state=info.state, role=info.role, score=score(info.heartbeat)
+            peer=info.peer,
+            state=info.state,
+            role=info.role,
+            score=score(info.heartbeat),
+            heard=info.last_seen_at,
         )
 
     return [seen(info) for info in view.members()]

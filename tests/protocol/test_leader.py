@@ -107,9 +107,14 @@ def round_ms(seconds: float) -> int:
 
 
 def view(
-    *, dead: Iterable[NodeKey] = (), suspect: Iterable[NodeKey] = (), **scores: float
+    *,
+    dead: Iterable[NodeKey] = (),
+    suspect: Iterable[NodeKey] = (),
+    heard: dict[NodeKey, float] | None = None,
+    **scores: float,
 ) -> list[PeerSeen]:
-    """Everyone alive but ``dead`` and ``suspect``; ``scores`` by peer ID."""
+    """Everyone alive but ``dead`` and ``suspect``; ``scores`` by peer ID; ``heard``: when the
+    latest evidence of a peer arrived (unknown for the others)."""
     states = {k.peer_id: PeerState.DEAD for k in dead}
     states |= {k.peer_id: PeerState.SUSPECT for k in suspect}
     return [
@@ -118,6 +123,7 @@ def view(
             state=states.get(k.peer_id, PeerState.ALIVE),
             role=ROLES[k.peer_id],
             score=scores.get(k.peer_id, 0.0),
+            heard=(heard or {}).get(k),
         )
         for k in EVERYONE
     ]
@@ -175,6 +181,45 @@ def test_the_successor_takes_over_after_lease_and_margin_and_only_then() -> None
     assert s0.state is State.LEADING
     # It closes rounds once its view has had time to drop a majority it may have just lost
     assert not s0.closing_allowed(20.99) and s0.closing_allowed(21.0)
+
+
+def _taken_over_at_18() -> LeaderMachine:
+    """S0 took over from R (dead at 6) at 18, as in the test above."""
+    s0 = following(S0, checkpoint(R, 1, at=0.0), view())
+    s0.on_view(view(dead=[R]), 6.0)
+    s0.on_timer(17.0)
+    assert s0.on_timer(18.0) == [TakeOver(term=2, checkpoint=checkpoint(R, 1, at=0.0))]
+    return s0
+
+
+def test_a_new_reducer_closes_as_soon_as_a_majority_is_heard_from_after_its_takeover() -> None:
+    # Prepare: of the 6 members, R is dead; S1, S2 and C0 send a heartbeat at 18.4
+    s0 = _taken_over_at_18()
+    assert not s0.closing_allowed(18.2)  # nobody heard from since the takeover
+    fresh = {S1: 18.4, S2: 18.4, CLIENTS[0]: 18.4, CLIENTS[1]: 17.5}
+    # Execute
+    s0.on_view(view(dead=[R], heard=fresh), 18.4)
+    # Assert: S0 and three fresh peers are 4 of 6, long before the 3 s probation ends
+    assert s0.closing_allowed(18.5)
+
+
+def test_peers_heard_only_before_the_takeover_leave_the_probation_in_place() -> None:
+    # Prepare: a partition just before the takeover: S1, S2 and C0 were last heard at 17.9, and
+    # the view still calls them alive. Only C1 is heard after the takeover.
+    s0 = _taken_over_at_18()
+    stale = {S1: 17.9, S2: 17.9, CLIENTS[0]: 17.9, CLIENTS[1]: 18.4}
+    # Execute
+    s0.on_view(view(dead=[R], heard=stale), 18.4)
+    # Assert: 2 fresh of 6 is no majority: the probation runs its course
+    assert not s0.closing_allowed(18.5) and not s0.closing_allowed(20.99)
+    assert s0.closing_allowed(21.0)
+
+
+def test_fresh_evidence_from_suspect_peers_does_not_end_the_probation() -> None:
+    s0 = _taken_over_at_18()
+    fresh = {S1: 18.4, S2: 18.4, CLIENTS[0]: 18.4}
+    s0.on_view(view(dead=[R], suspect=[S2], heard=fresh), 18.4)
+    assert not s0.closing_allowed(18.5)
 
 
 def test_a_death_called_after_the_lease_ended_starts_the_race_then() -> None:
@@ -281,7 +326,13 @@ class Cluster:
             )
             role = ROLES.get(other, "client")
             seen.append(
-                PeerSeen(peer=other, state=state, role=role, score=self.scores.get(other, 0.0))
+                PeerSeen(
+                    peer=other,
+                    state=state,
+                    role=role,
+                    score=self.scores.get(other, 0.0),
+                    heard=last,
+                )
             )
         return seen
 
@@ -365,9 +416,10 @@ def test_exactly_one_of_several_standbys_takes_over() -> None:
     cluster.kill(R)
     # Execute
     cluster.run(80.0)
-    # Assert: R's last checkpoint came at 3, when it closed round 1; so the lowest peer ID
-    # among the equal standbys takes over at 3 + lease + margin + settle
-    assert cluster.takeovers[1:] == [(21.0, S0.peer_id, 2)]
+    # Assert: R's last checkpoint came at 0.5, when it closed round 1 (its probation ended as
+    # soon as the others' first heartbeats came, at the first tick); so the lowest peer ID among
+    # the equal standbys takes over at 0.5 + lease + margin + settle
+    assert cluster.takeovers[1:] == [(18.5, S0.peer_id, 2)]
     for key in (S1, S2, C0, C1):
         m = cluster.machines[key.peer_id]
         assert (m.state, m.term) == (State.FOLLOWING, 2)
@@ -379,7 +431,7 @@ def test_the_best_score_takes_over_first() -> None:
     cluster.run(3.0)
     cluster.kill(R)
     cluster.run(40.0)
-    assert cluster.takeovers[1:] == [(21.0, S2.peer_id, 2)]
+    assert cluster.takeovers[1:] == [(18.5, S2.peer_id, 2)]
 
 
 def test_the_next_standby_takes_over_after_its_stagger_when_the_first_is_dead_too() -> None:
@@ -647,7 +699,9 @@ def _chaos(seed: int) -> Cluster:
 #: standby claims a term (56, 98) and a split as two standbys claim at once (192). Each of the
 #: three fails if, in turn, a resuming reducer does not wait ``settle``, a candidate does not
 #: skip the terms its predecessors may have claimed, or a new reducer closes rounds at once.
-CHAOS_SEEDS = [*range(6), 56, 98, 192]
+#: 450 (from a 1,000-seed search): a holder that comes back moves the race later, after a
+#: standby cut off by a split claimed; it fails if the count of rivals ahead starts at the race.
+CHAOS_SEEDS = [*range(6), 56, 98, 192, 450]
 
 
 @pytest.mark.parametrize("seed", CHAOS_SEEDS)
@@ -719,7 +773,9 @@ def test_peers_seen_reads_role_state_and_score_from_the_membership_view() -> Non
     # Execute
     (seen,) = peers_seen(membership)
     # Assert
-    assert seen == PeerSeen(peer=S1.peer_id, state=PeerState.ALIVE, role="auto", score=0.6)
+    assert seen == PeerSeen(
+        peer=S1.peer_id, state=PeerState.ALIVE, role="auto", score=0.6, heard=0.0
+    )
     assert seen.eligible and seen.standing
 
 
