@@ -67,6 +67,7 @@ from fednode.protocol.combiner import (
     UpdateRejected,
     UpdateRejection,
 )
+from fednode.protocol.membership import PeerState
 from fednode.protocol.rounds import PlanRejected, ResultRejected, local_time, peer_of, wall_ms
 from fednode.wire import (
     Digest,
@@ -395,6 +396,27 @@ class CombinerDriver:
                 return
         log.warning("the partial of round %d never reached the reducer", partial.round)
 
+    def _holders(self, action: FetchModel) -> tuple[PeerId, ...]:
+        """Whom to ask for a global model, on each attempt: the holders of the plan we follow
+        now (a new reducer's plan for the same round names other holders than the one that
+        died: the fetch must not keep asking the dead one), those alive in our view first,
+        then our assigned clients we are connected to (a client fetches a small model straight
+        from the reducer, so it may hold it when the reducer is gone)."""
+        plan = self.machine.plan
+        current = plan is not None and plan.parent == action.model
+        named = list(plan.holders if plan is not None and current else action.holders)
+        view = self.ctx.node.view
+
+        def down(peer: PeerId) -> bool:
+            member = view.member(peer)
+            return member is not None and member.state is not PeerState.ALIVE
+
+        named.sort(key=down)  # stable: the plan's order otherwise
+        connected = set(self.ctx.host.connected_peers())
+        clients = plan.clients_of(self.ctx.peer) if plan is not None and current else ()
+        extra = [c for c in clients if c in connected and c != self.ctx.peer]
+        return tuple(dict.fromkeys([*named, *extra]))
+
     async def _fetch_model(self, action: FetchModel, scope: trio.CancelScope) -> None:
         # Our clients ask us for the model first, often while we fetch it: their requests wait
         # for it rather than hearing "not found" and turning to the reducer.
@@ -406,12 +428,13 @@ class CombinerDriver:
         started = trio.current_time()
         with scope:
             while True:
-                for holder in action.holders:
+                holders = self._holders(action)
+                for holder in holders[:4]:
                     await self.ctx.reach(holder)
                 try:
                     await fetch_blob(
                         self.ctx.host,
-                        action.holders,
+                        holders,
                         action.model,
                         store,
                         max_size=action.size,
