@@ -122,6 +122,7 @@ class Node:
         self.planner = DialPlanner(self_peer=key.peer_id, rng=rng or random.Random())
         self.peerstore = PeerStore(config.peerstore_path)
         self.heartbeats_sent = 0
+        self.last_heartbeat: Heartbeat | None = None  #: the latest made: what peers see of us
         self.invalid_messages = 0  # control messages that failed to decode or verify
         self._changed = trio.Event()  # wakes the timer loop when deadlines may have moved
         self.membership_events: list[object] = []  # the latest few, for the status display
@@ -167,16 +168,25 @@ class Node:
             round=sample.round,
         )
         self.seq += 1
+        self.last_heartbeat = heartbeat
         return heartbeat
 
     async def _publish_heartbeats(self) -> None:
+        """One heartbeat every interval, on a fixed cadence: the time a publish takes (gossip
+        may wait for a busy peer's queue) does not stretch the period, which peers' failure
+        detectors count on. A beat missed altogether (the process was starved) is not made up
+        with a burst: the next goes out at once and the cadence restarts from it."""
+        interval = self.config.heartbeat_interval
+        due = trio.current_time()
         while True:
             try:
                 await self.host.publish(self.topic, seal_bytes(self.key, self.make_heartbeat()))
                 self.heartbeats_sent += 1
             except TransportError as exc:
                 log.warning("heartbeat not published: %s", exc)
-            await trio.sleep(self.config.heartbeat_interval)
+            now = trio.current_time()
+            due = max(due + interval, now)
+            await trio.sleep_until(due)
 
     async def _receive_gossip(self, channel: trio.MemoryReceiveChannel[GossipMessage]) -> None:
         async for msg in channel:

@@ -253,3 +253,31 @@ async def test_a_client_without_an_inbound_port_finds_a_combiner_with_mdns(
     # Assert
     assert joined_at == pytest.approx(INTERVAL)  # to the STEP: the first step past 1 s
     assert combiner.peerstore.peers() == []  # nothing to remember: the client has no address
+
+
+async def test_heartbeats_keep_their_cadence_when_publishing_is_slow(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # Prepare: every publish takes 0.4 s (gossip waiting for a busy peer's queue)
+    net = MemoryNetwork(seed=7)
+    started: list[float] = []
+    async with AsyncExitStack() as stack:
+        key = _key(1)
+        host = await stack.enter_async_context(net.open_host(key, listen=True))
+        publish = host.publish
+
+        async def slow_publish(topic: str, data: bytes) -> None:
+            started.append(trio.current_time())
+            await trio.sleep(0.4)
+            await publish(topic, data)
+
+        host.publish = slow_publish  # type: ignore[method-assign]
+        begin = trio.current_time()
+        await stack.enter_async_context(
+            open_node(_config(tmp_path, 1, "combiner"), key, host, rng=random.Random(1))
+        )
+        # Execute
+        await trio.sleep(5.5 * INTERVAL)
+    # Assert: one heartbeat per interval, started on the beat, not every 1.4 s
+    beats = [round(t - begin, 6) for t in started]
+    assert beats[:6] == pytest.approx([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
