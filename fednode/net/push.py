@@ -41,7 +41,8 @@ from fednode.errors import (
     TransportError,
     WireError,
 )
-from fednode.net.blob import (
+from fednode.net.blobstore import BlobStore
+from fednode.net.chunkio import (
     PEER_ERRORS,
     ChunkMismatch,
     Progress,
@@ -51,7 +52,6 @@ from fednode.net.blob import (
     send_blob_bytes,
     sync_cost,
 )
-from fednode.net.blobstore import BlobStore
 from fednode.net.framing import abort, receive_frame, send_frame
 from fednode.net.interface import Host, Stream
 from fednode.wire import Digest, Envelope, ModelUpdate, PartialAggregate, PeerId, decode, encode

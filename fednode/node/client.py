@@ -39,6 +39,7 @@ from fednode.errors import ConfigError, TransferError, TransportError
 from fednode.net.blob import fetch_blob
 from fednode.net.push import PushResult, push_update
 from fednode.node.context import RoleContext, Unpinner, load_model, put_model
+from fednode.node.pump import TimerPump
 from fednode.protocol.client import (
     Cancel,
     ClientAction,
@@ -122,7 +123,7 @@ class ClientDriver:
             max_backoff=BACKOFF[1],
         )
         self._send, self._actions = trio.open_memory_channel[ClientAction](math.inf)
-        self._changed = trio.Event()
+        self._timers = TimerPump(self.machine, self._queue)
         self._ended = trio.Event()
         self._scopes: dict[str, trio.CancelScope] = {}  # "fetch" / "train" / "push"
         self._fetch_seconds: dict[Digest, float] = {}
@@ -141,7 +142,7 @@ class ClientDriver:
                 self._nursery = nursery
                 nursery.start_soon(self._warm_up)
                 nursery.start_soon(self._dispatch)
-                nursery.start_soon(self._run_timers)
+                nursery.start_soon(self._timers.run)
                 await self._ended.wait()
                 self._drain()
                 nursery.cancel_scope.cancel()
@@ -171,7 +172,7 @@ class ClientDriver:
     def _queue(self, actions: Sequence[ClientAction]) -> None:
         for action in actions:
             self._send.send_nowait(action)
-        self._changed.set()
+        self._timers.changed()
 
     # --- inputs ---
 
@@ -223,14 +224,6 @@ class ClientDriver:
             log.info("session %s ended: %s", ended.session, ended.outcome)
             if self.exit_after_session:
                 self._ended.set()
-
-    async def _run_timers(self) -> None:
-        while True:
-            self._queue(self.machine.on_timer(trio.current_time()))
-            deadline = self.machine.next_deadline()
-            self._changed = trio.Event()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
-                await self._changed.wait()
 
     # --- actions ---
 

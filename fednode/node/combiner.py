@@ -55,6 +55,7 @@ from fednode.node.context import (
     put_model,
     run_blocking,
 )
+from fednode.node.pump import TimerPump
 from fednode.protocol.combiner import (
     Accumulate,
     CombinerAction,
@@ -106,7 +107,7 @@ class CombinerDriver:
         )
         self.partials_pushed = 0
         self._send, self._actions = trio.open_memory_channel[CombinerAction](math.inf)
-        self._changed = trio.Event()
+        self._timers = TimerPump(self.machine, self._queue)
         self._ended = trio.Event()
         self._sum: StreamingMean | None = None
         self._sum_round: int | None = None
@@ -132,7 +133,7 @@ class CombinerDriver:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._dispatch)
-                nursery.start_soon(self._run_timers)
+                nursery.start_soon(self._timers.run)
                 await self._ended.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -169,7 +170,7 @@ class CombinerDriver:
     def _queue(self, actions: Sequence[CombinerAction]) -> None:
         for action in actions:
             self._send.send_nowait(action)
-        self._changed.set()
+        self._timers.changed()
 
     # --- inputs ---
 
@@ -273,14 +274,6 @@ class CombinerDriver:
             if isinstance(action, UpdateRejected):
                 return str(action.reason)
         return None
-
-    async def _run_timers(self) -> None:
-        while True:
-            self._queue(self.machine.on_timer(trio.current_time()))
-            deadline = self.machine.next_deadline()
-            self._changed = trio.Event()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
-                await self._changed.wait()
 
     # --- actions ---
 

@@ -26,8 +26,9 @@ import trio
 
 from fednode.crypto import domain_of, open_envelope
 from fednode.errors import CryptoError, TransportError, WireError
-from fednode.net.blob import INLINE_IO, BlobServer, serve_blobs, sync_cost
+from fednode.net.blob import BlobServer, serve_blobs
 from fednode.net.blobstore import BlobStore
+from fednode.net.chunkio import INLINE_IO, sync_cost
 from fednode.net.interface import Host
 from fednode.node.events import EventLog
 from fednode.node.runtime import LoadSample, Node

@@ -34,6 +34,7 @@ from fednode.crypto.envelope import domain_of
 from fednode.errors import CryptoError, TransportError, WireError
 from fednode.node.checkpoint import fetch_state_blob
 from fednode.node.context import RoleContext
+from fednode.node.pump import TimerPump
 from fednode.protocol.leader import LeaderMachine
 from fednode.protocol.leader_actions import (
     Announce,
@@ -121,13 +122,11 @@ class ReducerSeat:
         self.ended: SessionEnded | None = None
         self.driver: ReducerDriver | None = None
         self.led = False  #: whether this seat ever took a term
-        self._newest: bytes | None = None
-        self._prefetched: list[
-            Digest
-        ] = []  # blobs pinned for a takeover  # the sealed newest checkpoint, as received
+        self._newest: bytes | None = None  # the sealed newest checkpoint, as received
+        self._prefetched: list[Digest] = []  # blobs pinned for a takeover
         self._driver_scope: trio.CancelScope | None = None
         self._driver_done = trio.Event()
-        self._changed = trio.Event()
+        self._timers = TimerPump(self.machine, self._queue)
         self._gate_changed = trio.Event()
         self._finished = trio.Event()
         self._send, self._actions = trio.open_memory_channel[LeaderAction](math.inf)
@@ -142,7 +141,7 @@ class ReducerSeat:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._dispatch)
-                nursery.start_soon(self._run_timers)
+                nursery.start_soon(self._timers.run)
                 if self.runner is not None and self.session is None:
                     nursery.start_soon(self._warm_up, self.runner)
                 now = trio.current_time()
@@ -169,7 +168,7 @@ class ReducerSeat:
     def _queue(self, actions: Sequence[LeaderAction]) -> None:
         for action in actions:
             self._send.send_nowait(action)
-        self._changed.set()
+        self._timers.changed()
         self._gate_changed.set()
         self._gate_changed = trio.Event()
 
@@ -241,14 +240,6 @@ class ReducerSeat:
         and all would claim the same term at once."""
         heartbeat = self.ctx.node.last_heartbeat
         return None if heartbeat is None else reducer_score(heartbeat)
-
-    async def _run_timers(self) -> None:
-        while True:
-            self._queue(self.machine.on_timer(trio.current_time()))
-            deadline = self.machine.next_deadline()
-            self._changed = trio.Event()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
-                await self._changed.wait()
 
     # --- actions ---
 

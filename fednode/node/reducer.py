@@ -34,20 +34,15 @@
 5. Each sealed ``round-result`` (and the final ``session-ended``) is gossiped and written to
    ``<data-dir>/sessions/<session>/`` (``round-0001.result``, ..., ``session.ended``).
 
-Phase times of ``round-completed`` events: ``seconds`` runs from the round's first plan to its
-result; ``fetch_s`` and ``train_s`` are the clients' own ``fetch_seconds`` and ``train_seconds``
-update metrics, averaged (weighted by examples) through the partials; ``push_s`` is the rest of
-the collection (updates and partials moving, and waiting for the slowest client); and
-``aggregate_s`` runs from the close to the result (reduce, optimiser, store, evaluation).
+Who the plans can use, and the waits for them, are in ``reducer_peers``; the results directory,
+the session's events and their phase times in ``reducer_record``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +69,9 @@ from fednode.node.context import (
     put_model,
     run_blocking,
 )
+from fednode.node.reducer_peers import PlanningPeers
+from fednode.node.reducer_record import SessionRecord
 from fednode.node.session import server_optimizer
-from fednode.protocol.election import Candidate, candidates_of
 from fednode.protocol.membership import PeerDied
 from fednode.protocol.reducer import (
     CombinerLost,
@@ -90,7 +86,7 @@ from fednode.protocol.reducer import (
     SessionCompleted,
     SessionFailed,
 )
-from fednode.protocol.rounds import CombinerLoad, peer_of
+from fednode.protocol.rounds import peer_of
 from fednode.task import EvalConfig, load_task
 from fednode.task.runner import TaskRunner
 from fednode.wire import (
@@ -108,13 +104,6 @@ log = logging.getLogger(__name__)
 
 #: How long a reduce waits for partial blobs still on their way before it goes without them.
 BLOB_WAIT = 30.0
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-@dataclass(slots=True)
-class _RoundClock:
-    started: float  #: the round's first plan went out
-    closed: float | None = None  #: the first Reduce of the round
 
 
 class ReducerDriver:
@@ -168,13 +157,8 @@ class ReducerDriver:
         interval = ctx.node.config.heartbeat_interval
         self.republish = 2 * interval if republish is None else republish
         self.linger = 2 * interval if linger is None else linger
-        detector = ctx.node.view.config
-        #: How long a plan waits for peers to come back (:meth:`wait_for_planning_peers`): the
-        #: failure detector's time from a last heartbeat to a death.
-        self.plan_wait = (
-            (detector.suspect_after_missed + detector.dead_after_missed) * interval
-            if plan_wait is None
-            else plan_wait
+        self.peers = PlanningPeers(
+            ctx, session, min_clients=config.min_clients, plan_wait=plan_wait
         )
         self.term = term
         self.resume = resume
@@ -188,7 +172,7 @@ class ReducerDriver:
         )
         self.machine: ReducerMachine | None = None
         self.ended: SessionEnded | None = None
-        self.results_dir = ctx.node.config.data_dir / "sessions" / _SAFE.sub("_", session)
+        self.record = SessionRecord(ctx, session)
         self._optimizer = server_optimizer(config)
         self._params: dict[Digest, Params] = {}  # the global model, and a new one being made
         self._send, self._actions = trio.open_memory_channel[ReducerAction](math.inf)
@@ -196,18 +180,25 @@ class ReducerDriver:
         # our pacing), and the next plan's direct sends must not wait behind it.
         self._gossip_send, self._gossip = trio.open_memory_channel[bytes](math.inf)
         self._changed = trio.Event()
-        self._peers_changed = trio.Event()
         self._done = trio.Event()
         self._pushes: dict[Digest, trio.Event] = {}  # partial blobs being pushed to us
         self._fetched: dict[Digest, trio.Event] = {}  # partial blobs fetched (or given up)
         self._partial_pins: list[Digest] = []
-        self._clocks: dict[int, _RoundClock] = {}
         self._sealed_plan: bytes | None = None
         self._sealed_result: bytes | None = None
         self._ended_sealed: bytes | None = None
-        self._last_accuracy: float | None = None
         self._nursery: trio.Nursery | None = None
         self.partial_server: PushServer[PartialAggregate] | None = None
+
+    @property
+    def plan_wait(self) -> float:
+        """How long a plan waits for peers to come back (:meth:`wait_for_planning_peers`)."""
+        return self.peers.plan_wait
+
+    @property
+    def results_dir(self) -> Path:
+        """Where the session's sealed results are written."""
+        return self.record.results_dir
 
     # --- running ---
 
@@ -243,7 +234,7 @@ class ReducerDriver:
             self._nursery = nursery
             if self.runner is not None and self.config.eval_every > 0:
                 nursery.start_soon(self._warm_up, self.runner)
-            await self._wait_for_peers()
+            await self.peers.wait_for(self.wait_for, self.wait_for_combiners)
             self.machine = ReducerMachine(
                 config=self.config,
                 peer=ctx.peer,
@@ -257,23 +248,10 @@ class ReducerDriver:
                 first_round=first_round,
                 wall_offset_ms=ctx.wall_offset_ms,
             )
-            actions = self.machine.start(trio.current_time(), candidates=self._candidates())
+            actions = self.machine.start(trio.current_time(), candidates=self.peers.candidates())
             plan = self.machine.plan
             assert plan is not None
-            ctx.events.emit(
-                "session-started",
-                session=self.session,
-                rounds=self.config.rounds,
-                clients=sum(len(a.clients) for a in plan.assignments),
-                combiners=len(plan.assignments),
-            )
-            log.info(
-                "session %s started: %d rounds, %d clients over %d combiners",
-                self.session,
-                self.config.rounds,
-                sum(len(a.clients) for a in plan.assignments),
-                len(plan.assignments),
-            )
+            self.record.started(plan, self.config.rounds)
             self._queue(actions)
             nursery.start_soon(self._gossip_out)
             nursery.start_soon(self._dispatch)
@@ -321,76 +299,22 @@ class ReducerDriver:
         except Exception as exc:  # the task's own failure: evaluations will report it again
             log.warning("the evaluation task did not start: %s", exc)
 
-    def _candidates(self) -> tuple[Candidate, ...]:
-        """The live members as the election sees them (load, CPU, bandwidth, RTT, region). A
-        suspect peer is most likely slow, not gone: only the detector's "dead" excludes."""
-        members = self.ctx.node.view.members()
-        return candidates_of(members, session=self.session, exclude=[self.ctx.peer])
-
-    def _eligible(self) -> tuple[list[PeerId], list[CombinerLoad]]:
-        clients: list[PeerId] = []
-        combiners: list[CombinerLoad] = []
-        for c in self._candidates():
-            if c.has_data:
-                clients.append(c.peer)
-            if c.stands:
-                combiners.append(
-                    CombinerLoad(peer=c.peer, capacity=c.capacity, attached=c.attached)
-                )
-        return clients, combiners
-
-    async def _wait_for_peers(self) -> tuple[list[PeerId], list[CombinerLoad]]:
-        logged = False
-        while True:
-            clients, combiners = self._eligible()
-            if len(clients) >= self.wait_for and len(combiners) >= self.wait_for_combiners:
-                return clients, combiners
-            if not logged:
-                log.info(
-                    "waiting for %d client(s) and %d combiner(s) (%d and %d alive)",
-                    self.wait_for,
-                    self.wait_for_combiners,
-                    len(clients),
-                    len(combiners),
-                )
-                logged = True
-            await self._peers_changed.wait()
-
     def short_of_peers(self) -> bool:
-        """Whether a plan made now would hold fewer clients than ``min_clients``, or no
-        combiner: it could only fall short."""
-        clients, combiners = self._eligible()
-        return len(clients) < self.config.min_clients or not combiners
+        """Whether a plan made now could only fall short (:meth:`PlanningPeers.too_few`)."""
+        return self.peers.too_few()
 
     async def wait_for_planning_peers(self) -> None:
-        """Before the machine plans (the next round, or a re-plan), wait up to
-        :attr:`plan_wait` while :meth:`short_of_peers`. A peer the failure detector declared
-        dead because its heartbeats were late (a loaded machine) is back within that; a plan
-        made without it could not reach ``min_clients`` and would stand, unfinishable, until
-        its deadline. Returns at once when enough peers are eligible."""
-        if not self.short_of_peers():
-            return
-        started = trio.current_time()
-        log.info("waiting up to %.1f s for enough live peers to plan with", self.plan_wait)
-        with trio.move_on_after(self.plan_wait):
-            while self.short_of_peers():
-                await self._peers_changed.wait()
-        clients, combiners = self._eligible()
-        log.info(
-            "planning after %.2f s, with %d client(s) and %d combiner(s) alive",
-            trio.current_time() - started,
-            len(clients),
-            len(combiners),
-        )
+        """Before the machine plans, wait up to :attr:`plan_wait` while :meth:`short_of_peers`
+        (:meth:`PlanningPeers.wait_for_enough`)."""
+        await self.peers.wait_for_enough()
 
     def _on_membership(self, events: Sequence[object]) -> None:
-        self._peers_changed.set()
-        self._peers_changed = trio.Event()
+        self.peers.changed()
         machine = self.machine
         if machine is None:
             return
         now = trio.current_time()
-        self._queue(machine.on_candidates(self._candidates(), now))  # may move orphans
+        self._queue(machine.on_candidates(self.peers.candidates(), now))  # may move orphans
         for event in events:
             if isinstance(event, PeerDied):
                 self._queue(machine.on_peer_dead(event.peer, now))
@@ -428,7 +352,7 @@ class ReducerDriver:
         machine = self.machine
         if machine is None or machine.next_deadline() is None:
             return
-        machine.on_candidates(self._candidates())  # loads change without membership events
+        machine.on_candidates(self.peers.candidates())  # loads change without membership events
         for sealed in (self._sealed_result, self._sealed_plan):
             if sealed is not None:
                 await self.ctx.publish(sealed)
@@ -488,54 +412,23 @@ class ReducerDriver:
         key = self.ctx.node.key
         if isinstance(action, PublishPlan):
             plan = action.plan
-            self._clocks.setdefault(plan.round, _RoundClock(started=now))
             self._sealed_plan = seal_bytes(key, plan)
             self.ctx.activity.round = plan.round
-            log.info(
-                "round %d plan %d: %d clients over %d combiners",
-                plan.round,
-                plan.amendment,
-                sum(len(a.clients) for a in plan.assignments),
-                len(plan.assignments),
-            )
-            self.ctx.events.emit(
-                "round-planned",
-                round=plan.round,
-                amendment=plan.amendment,
-                term=plan.term,
-                clients=sum(len(a.clients) for a in plan.assignments),
-                combiners=len(plan.assignments),
-            )
+            self.record.planned(plan, now)
             self._deliver(plan, self._sealed_plan)
             self._gossip_send.send_nowait(self._sealed_plan)
         elif isinstance(action, FetchPartial):
             self._fetched[action.partial] = trio.Event()
             nursery.start_soon(self._fetch_partial, action)
         elif isinstance(action, Reduce):
-            clock = self._clocks.get(action.round)
-            if clock is not None and clock.closed is None:
-                clock.closed = now
-                self.ctx.events.emit(
-                    "round-closed", round=action.round, partials=len(action.partials)
-                )
+            self.record.closed(action.round, len(action.partials), now)
             nursery.start_soon(self._reduce, action)
         elif isinstance(action, Evaluate):
             nursery.start_soon(self._evaluate, action)
         elif isinstance(action, PublishResult):
             await self._publish_result(action, now)
         elif isinstance(action, CombinerLost):
-            log.warning(
-                "round %d: combiner %s died; %d client(s) of it to re-plan",
-                action.round,
-                action.combiner,
-                len(action.clients),
-            )
-            self.ctx.events.emit(
-                "combiner-lost",
-                round=action.round,
-                combiner=action.combiner,
-                orphans=len(action.clients),
-            )
+            self.record.combiner_lost(action)
         elif isinstance(action, SessionCompleted | SessionFailed):
             await self._end(action)
         elif isinstance(action, PartialRejected):  # pragma: no cover - returned by admit
@@ -669,7 +562,7 @@ class ReducerDriver:
         result = action.result
         sealed = seal_bytes(self.ctx.node.key, result)
         self._sealed_result = sealed
-        self._save(f"round-{result.round:04d}.result", sealed)
+        self.record.save(f"round-{result.round:04d}.result", sealed)
         for digest in [d for d in self._params if d != result.model]:
             del self._params[digest]
         self.ctx.store.unpin(result.parent)
@@ -679,72 +572,17 @@ class ReducerDriver:
         self._gossip_send.send_nowait(sealed)
         if self.on_checkpoint_due is not None:
             await self.on_checkpoint_due()
-        metrics = result.metrics
-        accuracy = metrics.get("eval_accuracy")
-        if accuracy is not None:
-            self._last_accuracy = accuracy
-        clock = self._clocks.get(result.round, _RoundClock(started=now))
-        closed = clock.closed if clock.closed is not None else now
-        fetch_s, train_s = metrics.get("fetch_seconds"), metrics.get("train_seconds")
-        push_s = None
-        if fetch_s is not None and train_s is not None:
-            push_s = max(0.0, closed - clock.started - fetch_s - train_s)
-        log.info(
-            "round %d: %d clients, %d examples, loss %s, accuracy %s",
-            result.round,
-            len(result.included),
-            result.num_examples,
-            metrics.get("eval_loss", metrics.get("loss")),
-            accuracy,
-        )
-        self.ctx.events.emit(
-            "round-completed",
-            round=result.round,
-            accuracy=accuracy,
-            loss=metrics.get("eval_loss"),
-            seconds=round(now - clock.started, 4),
-            clients_included=len(result.included),
-            num_examples=result.num_examples,
-            fetch_s=_rounded(fetch_s),
-            train_s=_rounded(train_s),
-            push_s=_rounded(push_s),
-            aggregate_s=round(now - closed, 4),
-            bytes_sent=self.ctx.bytes_sent(),
-        )
+        self.record.completed(result, now)
 
     async def _end(self, action: SessionCompleted | SessionFailed) -> None:
         ended = action.ended
         self.ended = ended
         self._ended_sealed = seal_bytes(self.ctx.node.key, ended)
-        self._save("session.ended", self._ended_sealed)
+        self.record.save("session.ended", self._ended_sealed)
         self._gossip_send.send_nowait(self._ended_sealed)
         self.ctx.activity.round = -1
-        if isinstance(action, SessionCompleted):
-            log.info("session %s completed after %d rounds", self.session, ended.rounds)
-            self.ctx.events.emit(
-                "session-completed",
-                rounds=ended.rounds,
-                final_accuracy=self._last_accuracy,
-                model=ended.model.hex(),
-            )
-        else:
-            log.error("session %s failed: %s", self.session, action.reason)
-            self.ctx.events.emit("session-failed", reason=action.reason)
+        self.record.ended(action)
         self._done.set()
-
-    def _save(self, name: str, sealed: bytes) -> None:
-        try:
-            self.results_dir.mkdir(parents=True, exist_ok=True)
-            path: Path = self.results_dir / name
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_bytes(sealed)
-            tmp.replace(path)
-        except OSError as exc:
-            log.warning("cannot save %s: %s", name, exc)
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
 
 
 __all__ = ["BLOB_WAIT", "ReducerDriver"]

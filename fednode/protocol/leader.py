@@ -45,8 +45,8 @@ from fednode.protocol.leader_actions import (
     StepDown,
     Suspend,
     TakeOver,
-    rank_key,
 )
+from fednode.protocol.leader_view import ElectionView
 from fednode.protocol.membership import PeerState
 from fednode.protocol.rounds import (
     Table,
@@ -205,9 +205,7 @@ class LeaderMachine:
         self._renew_at = self._claim_at = self._resume_at = float("inf")
         self._grace_end: float | None = None
         self._announced_at = float("-inf")
-        self._view: dict[PeerId, PeerSeen] = {}
-        self._eligible: dict[PeerId, PeerSeen] = {}  # every eligible peer seen, as last seen
-        self._down_since: dict[PeerId, float] = {}  # peers not standing: since when
+        self._view = ElectionView(peer)
         self._rejected = dict.fromkeys(Rejection, 0)
 
     @property
@@ -330,19 +328,7 @@ class LeaderMachine:
     ) -> list[LeaderAction]:
         """The membership view changed: every peer it holds, with its state (``peers_seen``)."""
         self._now = max(self._now, now)
-        view = {p.peer: p for p in peers if p.peer != self.peer}
-        for peer in self._view.keys() - view.keys():  # forgotten
-            self._down_since.setdefault(peer, now)
-        for seen in view.values():
-            if seen.eligible:
-                self._eligible[seen.peer] = seen
-            else:
-                self._eligible.pop(seen.peer, None)
-            if seen.standing:
-                self._down_since.pop(seen.peer, None)
-            else:
-                self._down_since.setdefault(seen.peer, now)
-        self._view = view
+        self._view.update(peers, now)
         if score is not None:
             self.score = score
         return self._evaluate(now)
@@ -401,7 +387,7 @@ class LeaderMachine:
             round=None if checkpoint is None else checkpoint.round,
             lease_end=None if self._holder is None else self._lease_end,
             members=len(members),
-            seen=sum(1 for m in members if self._sees(m)),
+            seen=sum(1 for m in members if self._view.sees(m)),
             quorum=self._quorum(),
             rank=self._rank() if self.eligible else None,
             rejected=MappingProxyType(dict(self._rejected)),
@@ -435,9 +421,8 @@ class LeaderMachine:
     def _accept_term(self, term: int, reducer: PublicKey, now: float) -> None:
         self._highest, self._holder = term, reducer
         holder = peer_of(reducer)
-        seen = self._view.get(holder)
-        if holder != self.peer and (seen is None or not seen.standing):
-            self._down_since.setdefault(holder, now)
+        if holder != self.peer and not self._view.standing(holder):
+            self._view.down_since.setdefault(holder, now)
 
     def _reject(self, term: int, reason: Rejection, now: float) -> list[LeaderAction]:
         self._rejected[reason] += 1
@@ -517,41 +502,14 @@ class LeaderMachine:
 
     # --- internals: the view ---
 
-    def _sees(self, peer: PeerId) -> bool:
-        if peer == self.peer:
-            return True
-        seen = self._view.get(peer)
-        return seen is not None and seen.state is PeerState.ALIVE
-
     def _quorum(self) -> bool:
-        if self._checkpoint is None:
-            return True
-        members = self._checkpoint.members
-        return 2 * sum(1 for m in members if self._sees(m)) > len(members)
+        return self._checkpoint is None or self._view.majority(self._checkpoint.members)
 
     def _heard_since(self, since: float) -> bool:
         """Whether a strict majority of the newest checkpoint's members (we count) were heard
         from after ``since``, and are seen now."""
-        if self._checkpoint is None:
-            return False
-        members = self._checkpoint.members
-
-        def fresh(peer: PeerId) -> bool:
-            if peer == self.peer:
-                return True
-            seen = self._view.get(peer)
-            return (
-                seen is not None
-                and seen.state is PeerState.ALIVE
-                and seen.heard is not None
-                and seen.heard > since
-            )
-
-        return 2 * sum(1 for m in members if fresh(m)) > len(members)
-
-    def _standing(self, peer: PeerId) -> bool:
-        seen = self._view.get(peer)
-        return seen is not None and seen.standing
+        checkpoint = self._checkpoint
+        return checkpoint is not None and self._view.heard_since(checkpoint.members, since)
 
     def _me(self) -> PeerSeen:
         return PeerSeen(peer=self.peer, state=PeerState.ALIVE, role=self.role, score=self.score)
@@ -560,23 +518,16 @@ class LeaderMachine:
         return None if self._holder is None else peer_of(self._holder)
 
     def _rank(self) -> int:
-        """Our place among the eligible peers that may be acting (alive or suspect), the lease
-        holder left out: 0 takes over first. A holder that stepped down ranks after them all,
-        so every node orders one view the same way."""
-        holder = self._holder_peer()
-        others = [p for p in self._view.values() if p.eligible and p.standing and p.peer != holder]
-        if holder == self.peer:
-            return len(others)
-        return sum(1 for p in others if rank_key(p) < rank_key(self._me()))
+        """Our place among the standbys, the lease holder left out (:meth:`ElectionView.rank`)."""
+        return self._view.rank(self._me(), self._holder_peer())
 
     def _initial_rank(self) -> int:
-        me = rank_key(self._me())
-        return sum(1 for p in self._view.values() if p.eligible and p.standing and rank_key(p) < me)
+        return self._view.initial_rank(self._me())
 
     def _elected(self, now: float) -> bool:
         if self.role != "auto" or self._grace_end is None or self._highest > 0:
             return False
-        if any(p.role == "reducer" and p.standing for p in self._view.values()):
+        if self._view.explicit_reducer():
             return False  # an explicit reducer is around: it starts the session
         return now >= self._grace_end + self._initial_rank() * self.stagger
 
@@ -584,8 +535,8 @@ class LeaderMachine:
         """When the lease holder counts as failed: when the failure detector called it dead;
         while it is alive (or it is us, stepped down), a whole lease after its lease ended."""
         holder = self._holder_peer()
-        if holder is not None and holder != self.peer and not self._standing(holder):
-            return self._down_since.get(holder, self._now)
+        if holder is not None and holder != self.peer and not self._view.standing(holder):
+            return self._view.down_since.get(holder, self._now)
         return self._lease_end + self._lease_s
 
     def _base(self) -> float:
@@ -610,15 +561,7 @@ class LeaderMachine:
         later, after a rival cut off by a partition may have claimed already.)"""
         holder = self._holder_peer()
         since = min(self._base(), self._lease_end - self.margin)
-        me = rank_key(self._me())
-        ahead = sum(
-            1
-            for p in self._eligible.values()
-            if p.peer != holder
-            and (holder == self.peer or rank_key(p) < me)
-            and (self._standing(p.peer) or self._down_since.get(p.peer, since) >= since)
-        )
-        return self._highest + 1 + ahead
+        return self._highest + 1 + self._view.ahead(self._me(), holder, since)
 
 
 def _age(checkpoint: SessionCheckpoint) -> tuple[int, int]:

@@ -69,7 +69,6 @@ skew, so a replayed heartbeat of a forgotten peer is always too old to rejoin it
 
 from __future__ import annotations
 
-import enum
 import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,34 +76,26 @@ from types import MappingProxyType
 
 from fednode.crypto import open_envelope
 from fednode.errors import ConfigError, LocalProtocolError
-from fednode.wire import Envelope, FederationId, Heartbeat, PeerId, Role, is_federation_id
+from fednode.protocol.membership_events import (
+    Event,
+    HeartbeatRejected,
+    Input,
+    MembershipEvent,
+    MembershipStatistics,
+    PeerDied,
+    PeerForgotten,
+    PeerInfo,
+    PeerJoined,
+    PeerRecovered,
+    PeerRestarted,
+    PeerState,
+    PeerSuspected,
+    Rejection,
+)
+from fednode.wire import Envelope, FederationId, Heartbeat, PeerId, is_federation_id
 
 #: The heartbeat period fednode nodes use unless configured otherwise, in seconds.
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
-
-
-class PeerState(enum.StrEnum):
-    ABSENT = "absent"  #: not in the view: never seen, or forgotten (never in a PeerInfo)
-    ALIVE = "alive"
-    SUSPECT = "suspect"
-    DEAD = "dead"
-
-
-class Input(enum.StrEnum):
-    HEARTBEAT = "heartbeat"  #: a fresh heartbeat of the incarnation we know (or a first one)
-    RESTART = "restart"  #: a fresh heartbeat of a newer incarnation
-    TIMEOUT = "timeout"  #: the state's deadline passed
-    DISCONNECT = "disconnect"  #: the last connection to the peer closed
-
-
-class Rejection(enum.StrEnum):
-    """Why a heartbeat was not accepted, in the order the checks run."""
-
-    OTHER_FEDERATION = "other-federation"  #: not for our federation
-    OWN = "own"  #: our own heartbeat, echoed back
-    FROM_FUTURE = "from-future"  #: sent_ms later than our wall clock plus the allowed skew
-    TOO_OLD = "too-old"  #: sent_ms earlier than our wall clock minus the allowed skew
-    STALE = "stale"  #: (incarnation, seq) not newer than the last accepted: replay or reorder
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,64 +136,6 @@ class DetectorConfig:
         return min(max(hb.interval_ms / 1000, self.min_interval), self.max_interval)
 
 
-# --- events ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MembershipEvent:
-    """A peer changed state. ``at`` is when (a deadline for timeouts); ``cause`` the input."""
-
-    peer: PeerId
-    at: float
-    cause: Input
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PeerJoined(MembershipEvent):
-    """First heartbeat from a peer not in the view."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PeerSuspected(MembershipEvent):
-    """Missed heartbeats (``cause`` timeout) or a closed connection (``cause`` disconnect)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PeerDied(MembershipEvent):
-    """A suspect peer stayed silent for ``dead_after_missed`` intervals."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PeerRecovered(MembershipEvent):
-    """A suspect or dead peer sent a fresh heartbeat."""
-
-    @property
-    def restarted(self) -> bool:
-        """Whether it came back as a new incarnation (its in-memory state is gone)."""
-        return self.cause is Input.RESTART
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PeerRestarted(MembershipEvent):
-    """An alive peer restarted fast enough not to be suspected: its in-memory state is gone."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PeerForgotten(MembershipEvent):
-    """A dead peer left the view after ``forget_after`` seconds."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HeartbeatRejected:
-    """A heartbeat the view did not accept; the view is unchanged."""
-
-    peer: PeerId
-    at: float
-    reason: Rejection
-
-
-Event = MembershipEvent | HeartbeatRejected
-
 _S, _I = PeerState, Input
 
 #: (state, input) -> (next state, event emitted or None). Drawn in the module docstring.
@@ -234,85 +167,6 @@ def describe_transitions() -> str:
     for (state, inp), (next_state, event) in TRANSITIONS.items():
         rows.append((state, inp, next_state, event.__name__ if event else "-"))
     return "\n".join(f"{a:<7}  {b:<10}  {c:<7}  {d}".rstrip() for a, b, c, d in rows)
-
-
-# --- snapshots ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PeerInfo:
-    """One member as the view sees it at snapshot time.
-
-    Attributes:
-        peer: its peer ID.
-        state: alive, suspect or dead.
-        since: when it entered ``state``.
-        heartbeat: the last heartbeat accepted from it (role, load, addresses, round).
-        last_heartbeat_at: when that heartbeat was accepted.
-        last_seen_at: latest evidence it was up: a heartbeat, a connection or an RTT sample.
-        deadline: when it moves on (suspect, dead or forgotten) if nothing else happens.
-        connected: whether we hold a connection to it.
-        rtt: the last round-trip time recorded for it, seconds, or None.
-    """
-
-    peer: PeerId
-    state: PeerState
-    since: float
-    heartbeat: Heartbeat
-    last_heartbeat_at: float
-    last_seen_at: float
-    deadline: float
-    connected: bool
-    rtt: float | None
-
-    @property
-    def role(self) -> Role:
-        return self.heartbeat.role
-
-    @property
-    def capacity(self) -> int:
-        return self.heartbeat.capacity
-
-    @property
-    def attached(self) -> int:
-        return self.heartbeat.attached
-
-    @property
-    def cpu(self) -> float:
-        return self.heartbeat.cpu
-
-    @property
-    def memory(self) -> float:
-        return self.heartbeat.memory
-
-    @property
-    def bandwidth(self) -> float:
-        return self.heartbeat.bandwidth
-
-    @property
-    def region(self) -> str:
-        return self.heartbeat.region
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MembershipStatistics:
-    """Counters since the view was created, and the current population."""
-
-    accepted: int
-    rejected: Mapping[Rejection, int]  #: every reason, zero if never seen
-    joins: int
-    suspicions: int
-    deaths: int
-    recoveries: int
-    restarts: int
-    forgotten: int
-    alive: int
-    suspect: int
-    dead: int
-
-    @property
-    def rejected_total(self) -> int:
-        return sum(self.rejected.values())
 
 
 # --- the machine ----------------------------------------------------------------------------

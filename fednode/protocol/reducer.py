@@ -28,26 +28,18 @@ driver is a ``LocalProtocolError``.
 
 from __future__ import annotations
 
-import enum
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 
 from fednode.crypto import contributions_digest
 from fednode.errors import ConfigError, LocalProtocolError
-from fednode.protocol.election import (
-    DEFAULT_POLICY,
-    Candidate,
-    Policy,
-    Tree,
-    assign_by_election,
-    build_tree,
-)
+from fednode.protocol.election import DEFAULT_POLICY, Candidate, Policy
 from fednode.protocol.partials import PartialRejection, Tally
 from fednode.protocol.reducer_actions import (
     CombinerLost,
     Evaluate,
     FetchPartial,
+    Input,
     PartialRejected,
     PublishPlan,
     PublishResult,
@@ -59,6 +51,7 @@ from fednode.protocol.reducer_actions import (
     State,
     SteppedDown,
 )
+from fednode.protocol.reducer_plans import ORPHAN_GRACE, Roster, amended_deadline
 from fednode.protocol.rounds import (
     CombinerLoad,
     PlanRejected,
@@ -91,32 +84,6 @@ from fednode.wire import (
     is_federation_id,
 )
 from fednode.wire.rounds import MAX_HOLDERS, SessionOutcome
-
-#: An amended plan that moves orphans leaves at least this fraction of the round deadline.
-ORPHAN_GRACE = 0.5
-
-
-class Input(enum.StrEnum):
-    START = "start"  #: :meth:`ReducerMachine.start`
-    PARTIAL = "partial"  #: a partial accepted, the round still open
-    LAST_PARTIAL = "last-partial"  #: a partial accepted: every combiner in, min_clients covered
-    DEADLINE = "deadline"  #: the deadline passed with min_clients covered
-    DEADLINE_SHORT = "deadline-short"  #: the deadline passed short of min_clients; retries left
-    DEADLINE_FAILED = "deadline-failed"  #: the deadline passed short; no retries left
-    COMBINER_DEAD = "combiner-dead"  #: an assigned combiner died with orphans; some moved
-    COMBINER_DEAD_STUCK = "combiner-dead-stuck"  #: ... none could be moved: they wait
-    COMBINER_DEAD_LAST = "combiner-dead-last"  #: ... none to move; every other combiner is in
-    ORPHANS_MOVED = "orphans-moved"  #: a combiner with room appeared for waiting orphans
-    REDUCED = "reduced"  #: the driver reduced; more rounds follow, no evaluation due
-    REDUCED_EVAL = "reduced-eval"  #: the driver reduced; an evaluation is due
-    REDUCED_FINAL = "reduced-final"  #: the driver reduced the last round; no evaluation due
-    MISSING = "missing"  #: partial blobs could not be fetched; the rest still cover min_clients
-    MISSING_SHORT = "missing-short"  #: ... the rest fall short; retries left
-    MISSING_FAILED = "missing-failed"  #: ... the rest fall short; no retries left
-    EVALUATED = "evaluated"  #: the driver evaluated; more rounds follow
-    EVALUATED_FINAL = "evaluated-final"  #: the driver evaluated the last round's model
-    SUPERSEDED = "superseded"  #: a plan or result of this session from a higher term
-
 
 _S, _I = State, Input
 _RUNNING = (_S.IDLE, _S.COLLECTING, _S.REDUCING, _S.EVALUATING)
@@ -214,13 +181,10 @@ class ReducerMachine:
         self._model, self._size = initial_model, initial_size
         self._holders = tuple(dict.fromkeys([peer, *holders]))[:MAX_HOLDERS]
         self._completed = first_round - 1  # rounds with a published result
-        self._clients: set[PeerId] = set()
-        self._combiners: dict[PeerId, CombinerLoad] = {}
-        self._candidates: dict[PeerId, Candidate] | None = None  # given by on_candidates
+        self._roster = Roster(peer)  # the eligible peers, and the orphans waiting for room
         self._plan: RoundPlan | None = None
         self._deadline: float | None = None
         self._tally = Tally()
-        self._waiting: set[PeerId] = set()  # orphans no combiner had room for
         self._successor: tuple[int, PublicKey] | None = None  # the higher term that took over
         self._reducing: tuple[PartialAggregate, ...] = ()
         self._new_model: tuple[Digest, int] | None = None
@@ -271,10 +235,7 @@ class ReducerMachine:
         """The eligible peers changed (from membership). The next plan or re-plan uses them; the
         current plan stands, except that orphans waiting for a combiner move to one with room
         now (given ``now``; else at the next :meth:`on_timer`)."""
-        self._candidates = None
-        self._clients = set(clients)
-        self._combiners = {c.peer: c for c in combiners}
-        self._waiting &= self._clients
+        self._roster.set_peers(clients, combiners)
         return [] if now is None else self._move_waiting(now)
 
     def on_candidates(
@@ -283,39 +244,25 @@ class ReducerMachine:
         """The live members as the election sees them (:func:`~fednode.protocol.election.
         candidates_of`): like :meth:`on_peers`, but the next plan elects its combiners and
         places its clients by load (:func:`~fednode.protocol.election.build_tree`)."""
-        found = {c.peer: c for c in candidates if c.peer != self.peer}
-        self._candidates = found
-        self._clients = {p for p, c in found.items() if c.has_data}
-        self._combiners = {
-            p: CombinerLoad(peer=p, capacity=c.capacity, attached=c.attached)
-            for p, c in found.items()
-            if c.stands
-        }
-        self._waiting &= self._clients
+        self._roster.set_candidates(candidates)
         return [] if now is None else self._move_waiting(now)
 
     def on_peer_dead(self, peer: PeerId, now: float) -> list[ReducerAction]:
         """``peer`` died: no longer eligible. An assigned combiner whose clients no partial
         counts yet leaves orphans, moved by an amended plan (module docstring)."""
-        self._clients.discard(peer)
-        self._combiners.pop(peer, None)
-        if self._candidates is not None:
-            self._candidates.pop(peer, None)
-        self._waiting.discard(peer)
+        self._roster.drop(peer)
         tally = self._tally
         if self._state is not State.COLLECTING or peer not in tally.assigned:
             return []
         if not tally.uncounted(peer):
             return []  # its partial counts every client it had: nothing changes
         orphans = tally.drop(peer)
-        alive = orphans & self._clients
-        placed = tally.place(alive, self._combiners.values())
-        self._waiting |= alive - placed
+        placed = self._roster.place(orphans, tally)
         lost = CombinerLost(
             round=self._round,
             combiner=peer,
             clients=tuple(sorted(orphans)),
-            waiting=tuple(sorted(self._waiting)),
+            waiting=tuple(sorted(self._roster.waiting)),
         )
         if placed:
             return self._go(Input.COMBINER_DEAD, [lost, self._amend(now)])
@@ -445,7 +392,7 @@ class ReducerMachine:
             deadline=self.next_deadline(),
             partials=len(self._tally.partials),
             covered=self._tally.covered,
-            waiting=len(self._waiting),
+            waiting=len(self._roster.waiting),
             rejected=MappingProxyType(dict(self._rejected)),
         )
 
@@ -487,36 +434,27 @@ class ReducerMachine:
         self._successor = (term, reducer)
         if self._state not in _RUNNING:
             return []  # the session is over for us anyway
-        self._deadline, self._waiting = None, set()
+        self._deadline, self._roster.waiting = None, set()
         stepped = SteppedDown(round=self._round, term=self.term, by_term=term, by=reducer)
         return self._go(Input.SUPERSEDED, [stepped])
 
     def _closable(self) -> bool:
-        tally = self._tally
-        return tally.complete and not self._waiting and tally.covered >= self.config.min_clients
+        tally, waiting = self._tally, self._roster.waiting
+        return tally.complete and not waiting and tally.covered >= self.config.min_clients
 
     def _move_waiting(self, now: float) -> list[ReducerAction]:
-        if self._state is not State.COLLECTING or not self._waiting:
+        if self._state is not State.COLLECTING or not self._roster.waiting:
             return []
-        placed = self._tally.place(self._waiting, self._combiners.values())
-        if not placed:
+        if not self._roster.place_waiting(self._tally):
             return []
-        self._waiting -= placed
         return self._go(Input.ORPHANS_MOVED, [self._amend(now)])
 
     def _new_plan(self, now: float) -> PublishPlan:
         """A fresh attempt: a new assignment and deadline, nothing counted."""
         created = wall_ms(now, self.wall_offset_ms)
-        previous = None if self._plan is None else Tree.from_assignments(self._plan.assignments)
-        if self._candidates is not None:
-            tree = build_tree(self._candidates.values(), previous, policy=self.election_policy)
-            assignments = tree.assignments()
-        else:
-            assignments = assign_by_election(
-                self._clients, self._combiners.values(), previous, policy=self.election_policy
-            )
+        assignments = self._roster.tree(self._plan, self.election_policy)
         self._tally.reset(assignments)
-        self._waiting.clear()
+        self._roster.waiting.clear()
         self._reducing = ()
         return self._publish(created, assignments, created + self.config.round_deadline_ms)
 
@@ -524,8 +462,7 @@ class ReducerMachine:
         """The attempt in force with its orphans moved: what was counted stays counted."""
         assert self._plan is not None
         created = wall_ms(now, self.wall_offset_ms)
-        grace = math.ceil(self.config.round_deadline_ms * ORPHAN_GRACE)
-        deadline = max(self._plan.deadline_ms, created + grace)
+        deadline = amended_deadline(self._plan, created, self.config.round_deadline_ms)
         return self._publish(created, self._tally.assignments(), deadline)
 
     def _publish(
@@ -576,7 +513,8 @@ class ReducerMachine:
             f"round {self._round} fell short after {self._retries} retries: "
             f"{covered} client update(s) counted {when}, {self.config.min_clients} needed "
             f"({planned} client(s) planned over {len(plan.assignments)} combiner(s); "
-            f"{len(self._clients)} eligible client(s) and {len(self._combiners)} combiner(s) known)"
+            f"{len(self._roster.clients)} eligible client(s) and {len(self._roster.combiners)} "
+            "combiner(s) known)"
         )
         ended = self._ended(now, "failed", reason)
         return self._go(fail, [SessionFailed(reason=reason, ended=ended)])

@@ -1,5 +1,6 @@
-"""Protocol layer: the reducer's round machine (``reducer``) as data: its states, the actions it
-asks its driver to do, and the snapshot it gives of itself. The machine re-exports every name."""
+"""Protocol layer: the reducer's round machine (``reducer``) as data: its states and inputs, the
+actions it asks its driver to do, and the snapshot it gives of itself. The machine re-exports
+every name."""
 
 from __future__ import annotations
 
@@ -28,6 +29,28 @@ class State(enum.StrEnum):
     COMPLETED = "completed"  #: every round done
     FAILED = "failed"  #: a round fell short once too often
     SUPERSEDED = "superseded"  #: a reducer of a higher term took the session over
+
+
+class Input(enum.StrEnum):
+    START = "start"  #: :meth:`ReducerMachine.start`
+    PARTIAL = "partial"  #: a partial accepted, the round still open
+    LAST_PARTIAL = "last-partial"  #: a partial accepted: every combiner in, min_clients covered
+    DEADLINE = "deadline"  #: the deadline passed with min_clients covered
+    DEADLINE_SHORT = "deadline-short"  #: the deadline passed short of min_clients; retries left
+    DEADLINE_FAILED = "deadline-failed"  #: the deadline passed short; no retries left
+    COMBINER_DEAD = "combiner-dead"  #: an assigned combiner died with orphans; some moved
+    COMBINER_DEAD_STUCK = "combiner-dead-stuck"  #: ... none could be moved: they wait
+    COMBINER_DEAD_LAST = "combiner-dead-last"  #: ... none to move; every other combiner is in
+    ORPHANS_MOVED = "orphans-moved"  #: a combiner with room appeared for waiting orphans
+    REDUCED = "reduced"  #: the driver reduced; more rounds follow, no evaluation due
+    REDUCED_EVAL = "reduced-eval"  #: the driver reduced; an evaluation is due
+    REDUCED_FINAL = "reduced-final"  #: the driver reduced the last round; no evaluation due
+    MISSING = "missing"  #: partial blobs could not be fetched; the rest still cover min_clients
+    MISSING_SHORT = "missing-short"  #: ... the rest fall short; retries left
+    MISSING_FAILED = "missing-failed"  #: ... the rest fall short; no retries left
+    EVALUATED = "evaluated"  #: the driver evaluated; more rounds follow
+    EVALUATED_FINAL = "evaluated-final"  #: the driver evaluated the last round's model
+    SUPERSEDED = "superseded"  #: a plan or result of this session from a higher term
 
 
 # --- actions --------------------------------------------------------------------------------
@@ -167,6 +190,7 @@ __all__ = [
     "CombinerLost",
     "Evaluate",
     "FetchPartial",
+    "Input",
     "PartialRejected",
     "PublishPlan",
     "PublishResult",
