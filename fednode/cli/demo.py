@@ -1,5 +1,8 @@
 """CLI layer: ``fednode demo``, a whole local federation as separate OS processes over libp2p on
-loopback: a bootstrap node, a reducer, combiners and clients training the built-in task.
+loopback: a bootstrap node, a reducer, combiners and clients training the built-in task; or, with
+``--auto``, a bootstrap node, a reducer and ``auto`` nodes (data nodes that the reducer's
+election makes combiners, and that stand by as reducers), ``--combiners`` saying how many of
+them the election should pick.
 
 It shows live progress (a rich view when stdout is a terminal, one plain line per round
 otherwise), prints the per-round table and a summary, and with ``--json`` writes the result. The
@@ -33,10 +36,35 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="run a whole local federation as separate processes and show it learn",
         description="Start a bootstrap node, a reducer, combiners and clients as separate "
         "processes over libp2p on loopback, train the task for some rounds, show the progress "
-        "and stop every process. Exits non-zero if the federation fails.",
+        "and stop every process. Exits non-zero if the federation fails. With --auto the data "
+        "nodes run --role auto (auto-0, auto-1, ...) and no combiner process starts: the "
+        "reducer elects K of the auto nodes as combiners (each advertises room for "
+        "ceil(N / K) clients, itself included), and the auto nodes are its standbys.",
     )
-    parser.add_argument("--clients", type=int, default=10, metavar="N", help="(default: 10)")
-    parser.add_argument("--combiners", type=int, default=2, metavar="K", help="(default: 2)")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=10,
+        metavar="N",
+        help="data nodes: clients, or auto nodes with --auto (default: 10)",
+    )
+    parser.add_argument(
+        "--combiners",
+        type=int,
+        default=2,
+        metavar="K",
+        help="combiner processes; with --auto, how many auto nodes the election should pick "
+        "(default: 2)",
+    )
+    parser.add_argument(
+        "--auto",
+        action="store_true",
+        help="a federation of --role auto nodes: each trains on its share, serves as combiner "
+        "when the reducer's election picks it, and stands by to take over as reducer. "
+        "--kill combiner kills an auto node serving as combiner in that round, --kill client "
+        "one that is not; every kill costs an auto node's data (one that takes over as "
+        "reducer trains no more), so the rounds after it count one fewer",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="training rounds (default: 5)")
     parser.add_argument("--epochs", type=int, default=5, help="local epochs (default: 5)")
     parser.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
@@ -103,7 +131,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="standby reducers that take over when the reducer dies (default: 1 with "
-        "--kill reducer@..., else 0)",
+        "--kill reducer@..., else 0; 0 with --auto, whose auto nodes stand by)",
     )
     # A test seam: run another program in place of `fednode start` (a stand-in node).
     parser.add_argument("--node-program", help=argparse.SUPPRESS)
@@ -130,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     config = DemoConfig(
         kills=tuple(parse_kill(k) for k in args.kill),
         standbys=args.standbys,
+        auto=args.auto,
         clients=args.clients,
         combiners=args.combiners,
         rounds=args.rounds,
@@ -236,11 +265,14 @@ class _PlainProgress:
 
 def _print_report(console: Console, result: DemoResult, reference: float | None) -> None:
     from fednode.cli.console import heading
-    from fednode.ui.federation import rounds_table, summary
+    from fednode.ui.federation import combiners_line, rounds_table, summary
 
     console.print()
     console.print(heading("rounds"))
     console.print(rounds_table(result.rounds))
+    served = combiners_line(result.rounds)
+    if served:
+        console.print(served, highlight=False, soft_wrap=True)
     if result.heal_seconds:  # kills fired (--kill)
         console.print()
         console.print(heading("failures and healing"))

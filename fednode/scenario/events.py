@@ -3,9 +3,12 @@
 One JSON object per stdout line after the identity block, named by its ``"event"`` key::
 
     reducer   session-started, round-completed, session-completed, session-failed
-    combiner  partial-pushed
+    seat      reducer-elected (a reducer, or an auto node, took office)
+    combiner  combiner-assigned, partial-pushed
     client    update-pushed, update-included
     any node  stopped (on a clean exit)
+
+An ``auto`` node prints the seat's, the combiner's and the client's events.
 
 Every event carries ``t``, the node's wall clock (seconds since the epoch). :func:`decode` checks
 the keys each kind needs and their JSON types; keys it does not know are ignored and so are
@@ -67,6 +70,24 @@ class SessionFailed:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ReducerElected:
+    """A reducer-eligible node took office for ``term`` (the first reducer, or a standby)."""
+
+    term: int
+    t: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CombinerAssigned:
+    """A combiner newly follows a plan of ``round`` (``amendment``) giving it ``clients``."""
+
+    round: int
+    amendment: int
+    clients: int
+    t: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PartialPushed:
     round: int
     contributions: int
@@ -98,6 +119,8 @@ Event = (
     | RoundCompleted
     | SessionCompleted
     | SessionFailed
+    | ReducerElected
+    | CombinerAssigned
     | PartialPushed
     | UpdatePushed
     | UpdateIncluded
@@ -148,6 +171,15 @@ def decode(data: dict[str, object]) -> Event | None:
         )
     if kind == "session-failed":
         return SessionFailed(reason=fields.text("reason"), t=t)
+    if kind == "reducer-elected":
+        return ReducerElected(term=fields.integer("term"), t=t)
+    if kind == "combiner-assigned":
+        return CombinerAssigned(
+            round=fields.integer("round"),
+            amendment=fields.integer("amendment"),
+            clients=fields.count("clients"),
+            t=t,
+        )
     if kind == "partial-pushed":
         return PartialPushed(
             round=fields.integer("round"), contributions=fields.count("contributions"), t=t

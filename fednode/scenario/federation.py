@@ -14,6 +14,22 @@ With ``launcher="fork"`` (the default on Linux) the nodes are forked from a zygo
 its data once for the clients and the reducer; with ``"exec"`` each is a fresh interpreter. Either
 way each node is a separate OS process with its own pid, process group, pipes and exit status.
 
+Auto mode (``DemoConfig.auto``, ``fednode demo --auto``). The data nodes are ``--role auto``
+nodes named ``auto-0``, ``auto-1``, ..., and no ``combiner-*`` process starts: the reducer's
+election picks which auto nodes serve as combiners each round (an elected one is placed under
+itself and aggregates its own update with its clients'), and the auto nodes are the reducer's
+standbys (no ``reducer-<i>`` process is needed for ``--kill reducer``). ``combiners`` then says
+how many combiners the election should pick: each auto node advertises ``--capacity
+ceil(clients / combiners)`` (itself included), so that it takes that many to hold every node
+(:meth:`DemoConfig.elected_combiners`); the reducer waits for one of them. That count holds
+while the nodes have room; the election is load-aware, so on a saturated machine (every node
+reports the machine's CPU) or after a death it may pick more, and who combines may change from
+round to round (the ``--json`` rounds name them). Every auto node listens (an elected one takes
+pushes), so the auto nodes dial one another: a denser mesh, and more gossip, than clients that
+only dial out. Once the session is over, an auto node in office (one took over from a killed
+reducer) is stopped like the others: an auto node runs until stopped. Kills in auto mode:
+:mod:`fednode.scenario.kills`.
+
 The run fails with :class:`DemoFailed` when the reducer reports ``session-failed``, any node
 exits before the session completes, or the deadline passes. Waits are on the nodes' events, never
 on the clock; the clock only bounds them.
@@ -28,16 +44,22 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Literal, NoReturn
+from typing import NoReturn
 
 from fednode.crypto import load_or_create_key
-from fednode.errors import ConfigError, FednodeError
+from fednode.errors import FednodeError
+from fednode.scenario.demo_config import (
+    DEFAULT_TASK,
+    LOOPBACK,
+    DemoConfig,
+    DemoResult,
+    Launcher,
+)
 from fednode.scenario.events import EventError, SessionCompleted, SessionFailed, Stopped, decode
-from fednode.scenario.kills import Chaos, KillSpec, check_kills
-from fednode.scenario.launcher import ChildProcess, Zygote, fork_supported, forkable
+from fednode.scenario.kills import Chaos
+from fednode.scenario.launcher import ChildProcess, Zygote
 from fednode.scenario.processes import (
     EXIT_FLUSH,
     FEDNODE_START,
@@ -49,11 +71,8 @@ from fednode.scenario.processes import (
     NodeProcessError,
     stop_all,
 )
-from fednode.scenario.progress import FederationSnapshot, Progress, Role, RoundRow
+from fednode.scenario.progress import FederationSnapshot, Progress, Role
 
-LOOPBACK = "/ip4/127.0.0.1/tcp/0"
-DEFAULT_TASK = "fednode.task.digits"
-Launcher = Literal["fork", "exec"]
 #: What a ``fednode start`` node imports, loaded once in the zygote for every node.
 NODE_MODULES = (
     "fednode.cli.main",
@@ -63,6 +82,8 @@ NODE_MODULES = (
     "fednode.node.client",
     "fednode.node.combiner",
     "fednode.node.reducer",
+    "fednode.node.leader",
+    "fednode.node.auto",
 )
 
 
@@ -72,160 +93,6 @@ class DemoFailed(FednodeError):
 
 class Terminated(Exception):
     """SIGTERM arrived (raised by :func:`sigterm_raises`)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DemoConfig:
-    """A local federation and the session it runs.
-
-    ``lr`` None leaves the learning rate to the reducer (the task's default). ``program`` is the
-    node program (``fednode start``; tests put a stand-in there). ``timeout`` bounds the whole
-    run from the first process started to the session's end; ``exit_grace`` how long the reducer
-    has to exit by itself once it completed the session; ``stop_grace`` how long a node has to
-    exit after SIGINT before it is killed. ``launcher``: see the module docstring (``"fork"``
-    falls back to ``"exec"`` where the zygote cannot run: off Linux, or a program that is not
-    this Python interpreter running a module, a script or ``-c`` code).
-    """
-
-    clients: int = 10
-    combiners: int = 2
-    rounds: int = 5
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float | None = None
-    partition: Literal["iid", "dirichlet"] = "iid"
-    alpha: float = 0.5
-    seed: int = 0
-    task: str = DEFAULT_TASK
-    federation: str = "demo"
-    heartbeat_interval: float = 1.0
-    round_deadline: float = 120.0
-    eval_every: int = 1
-    timeout: float = 900.0
-    exit_grace: float = 30.0
-    stop_grace: float = 10.0
-    program: tuple[str, ...] = FEDNODE_START
-    launcher: Launcher = "fork"
-    kills: tuple[KillSpec, ...] = ()
-    standbys: int | None = None  #: standby reducers; default: 1 if a reducer is killed, else 0
-
-    @property
-    def standby_count(self) -> int:
-        if self.standbys is not None:
-            return self.standbys
-        return 1 if any(k.role == "reducer" for k in self.kills) else 0
-
-    def __post_init__(self) -> None:
-        for name in ("clients", "combiners", "rounds", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', ' ')} must be at least 1")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError("lr must be positive")
-        if not self.alpha > 0:
-            raise ConfigError("alpha must be positive")
-        if self.seed < 0:
-            raise ConfigError("seed must be non-negative")
-        if not self.timeout > 0 or not self.round_deadline > 0:
-            raise ConfigError("timeout and round deadline must be positive")
-        if self.launcher not in ("fork", "exec"):
-            raise ConfigError(f"launcher must be fork or exec, got {self.launcher!r}")
-        check_kills(
-            list(self.kills), rounds=self.rounds, clients=self.clients, combiners=self.combiners
-        )
-        if self.standbys is not None and self.standbys < 0:
-            raise ConfigError("standbys must be non-negative")
-        if any(k.role == "reducer" for k in self.kills) and self.standby_count < 1:
-            raise ConfigError("--kill reducer needs a standby reducer (--standbys 1 or more)")
-
-    @property
-    def forks(self) -> bool:
-        """Whether the nodes are forked from a zygote (see the module docstring)."""
-        return self.launcher == "fork" and fork_supported() and forkable(self.program)
-
-    def common_args(self, role: Role) -> list[str]:
-        return [
-            *("--role", role),
-            *("--federation", self.federation),
-            *("--heartbeat-interval", f"{self.heartbeat_interval:g}"),
-            "--events",
-        ]
-
-    def reducer_args(self) -> list[str]:
-        args = [
-            *("--rounds", str(self.rounds)),
-            *("--min-clients", str(self.clients - sum(k.role == "client" for k in self.kills))),
-            *("--wait-for-combiners", str(self.combiners)),
-            *("--round-deadline", f"{self.round_deadline:g}"),
-            *("--epochs", str(self.epochs)),
-            *("--batch-size", str(self.batch_size)),
-            *("--server-optimizer", "fedavg"),
-            *("--eval-every", str(self.eval_every)),
-            *("--seed", str(self.seed)),
-            *("--task", self.task),
-            *("--partition", self.partition),
-            *("--alpha", repr(self.alpha)),
-        ]
-        if self.lr is not None:
-            args += ["--lr", repr(self.lr)]
-        return args
-
-    def client_args(self, index: int) -> list[str]:
-        return [
-            *("--task", self.task),
-            *("--partition-index", str(index)),
-            *("--partition-count", str(self.clients)),
-        ]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DemoResult:
-    """What a completed run measured.
-
-    Attributes:
-        rounds: every round, in order.
-        final_accuracy: the reducer's final accuracy.
-        total_seconds: from the demo's start to ``session-completed``.
-        processes_up_seconds: from the demo's start to every node having printed its identity.
-        startup_seconds: from the demo's start to ``session-started``.
-        first_round_seconds: from the demo's start to the first ``round-completed``.
-        bytes_sent: the sum of every node's ``stopped`` bytes.
-        warnings: things that went wrong after the session completed (a node that did not stop
-            cleanly), one line each.
-    """
-
-    rounds: tuple[RoundRow, ...]
-    final_accuracy: float | None
-    total_seconds: float
-    startup_seconds: float
-    first_round_seconds: float | None
-    processes_up_seconds: float | None = None
-    bytes_sent: int
-    warnings: tuple[str, ...] = ()
-    model: str | None = None
-    events: tuple[dict[str, object], ...] = ()
-    heal_seconds: tuple[float | None, ...] = ()
-
-    def to_json(self) -> dict[str, object]:
-        """The ``--json`` document."""
-        return {
-            "rounds": [
-                {
-                    "round": row.round,
-                    "accuracy": row.accuracy,
-                    "loss": row.loss,
-                    "seconds": row.seconds,
-                    "clients_included": row.clients_included,
-                }
-                for row in self.rounds
-            ],
-            "final_accuracy": self.final_accuracy,
-            "total_seconds": self.total_seconds,
-            "startup_seconds": self.startup_seconds,
-            "bytes_sent": self.bytes_sent,
-            "model": self.model,
-            "events": list(self.events),
-            "heal_seconds": list(self.heal_seconds),
-        }
 
 
 ProgressCallback = Callable[[FederationSnapshot], None]
@@ -255,6 +122,7 @@ class Federation:
             combiners=config.combiners,
             rounds=config.rounds,
             started=self.started,
+            auto=config.auto,
         )
         self.deadline = self.started + config.timeout
         self._events: queue.Queue[NodeOutput] = queue.Queue()
@@ -263,7 +131,13 @@ class Federation:
         self._warnings: list[str] = []
         self._closed = False
         self._zygote: Zygote | None = None
-        self.chaos = Chaos(config.kills, self.started, "reducer")
+        self.chaos = Chaos(
+            config.kills,
+            self.started,
+            "reducer",
+            auto=config.auto,
+            combiners=config.combiners,
+        )
         self._killed: set[str] = set()
         self._model: str | None = None
 
@@ -328,12 +202,13 @@ class Federation:
         boot_addr = _bootstrap_address(self.data_dir / "bootstrap")
         listen = boot_addr.rsplit("/p2p/", 1)[0]
         joined = ("--bootstrap", boot_addr)
-        combiners = [f"combiner-{i}" for i in range(config.combiners)]
-        clients = [f"client-{i}" for i in range(config.clients)]
+        combiners = [] if config.auto else [f"combiner-{i}" for i in range(config.combiners)]
+        clients = config.data_nodes
         standbys = [f"reducer-{i + 1}" for i in range(config.standby_count)]
         roles: list[tuple[str, Role]] = [("bootstrap", "bootstrap"), ("reducer", "reducer")]
         roles += [(name, "reducer") for name in standbys]
-        roles += [(name, "combiner") for name in combiners] + [(name, "client") for name in clients]
+        roles += [(name, "combiner") for name in combiners]
+        roles += [(name, config.data_role) for name in clients]
         for name, role in roles:
             self.progress.add_node(name, role)  # listed in this order, whatever the start order
         if config.forks:
@@ -345,7 +220,7 @@ class Federation:
         for name in standbys:
             self._spawn(name, "reducer", *joined, "--listen", LOOPBACK, "--standby")
         for i, name in enumerate(clients):
-            self._spawn(name, "client", *joined, *config.client_args(i))
+            self._spawn(name, config.data_role, *joined, *config.client_args(i))
         for node in self.nodes.values():
             self._ready(node)
         self.progress.all_up(time.monotonic())
@@ -375,7 +250,7 @@ class Federation:
         if zygote is None:
             return None
         node_program = config.program == FEDNODE_START
-        trains = role == "client" or (role == "reducer" and config.eval_every > 0)
+        trains = role in ("client", "auto") or (role == "reducer" and config.eval_every > 0)
 
         def launch(command: list[str], env: dict[str, str]) -> ChildProcess:
             return zygote.fork(
@@ -419,9 +294,11 @@ class Federation:
                     self._fail(f"the session failed: {event.reason}")
                 if isinstance(event, SessionCompleted) and wind_down is None:
                     wind_down = time.monotonic() + self.config.exit_grace
-                    # The session is over: the others stop while the reducer winds down.
+                    # The session is over: the others stop while the reducer winds down (an
+                    # auto node in office runs until stopped, like any auto node).
                     for name in self.nodes:
-                        if name != item.node and name not in self._exited:
+                        leads = name == item.node and self.progress.nodes[name].role == "reducer"
+                        if not leads and name not in self._exited:
                             self._interrupt(name)
                 continue
             if wind_down is not None:
@@ -441,6 +318,8 @@ class Federation:
             return
         alive = [n for n in self.nodes if n not in self._exited and n not in self._killed]
         victim = self.chaos.victim(spec, alive)
+        if victim is None and self.chaos.postpone(spec, alive):
+            return  # until the demo hears who combines (auto mode)
         if victim is None:
             self._warnings.append(f"--kill {spec}: no live {spec.role} to kill")
             return
@@ -592,3 +471,17 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, saved)
+
+
+__all__ = [
+    "DEFAULT_TASK",
+    "NODE_MODULES",
+    "DemoConfig",
+    "DemoFailed",
+    "DemoResult",
+    "Federation",
+    "Launcher",
+    "ProgressCallback",
+    "Terminated",
+    "sigterm_raises",
+]

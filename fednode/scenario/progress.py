@@ -12,8 +12,10 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from fednode.scenario.events import (
+    CombinerAssigned,
     Event,
     PartialPushed,
+    ReducerElected,
     RoundCompleted,
     SessionCompleted,
     SessionFailed,
@@ -23,7 +25,8 @@ from fednode.scenario.events import (
     UpdatePushed,
 )
 
-Role = Literal["bootstrap", "reducer", "combiner", "client"]
+#: A node's role as the demo started it (``auto``: ``fednode demo --auto``'s data nodes).
+Role = Literal["bootstrap", "reducer", "combiner", "client", "auto"]
 #: starting: processes coming up · running: the session is on · stopping: the session is over and
 #: the nodes are being stopped · completed / failed: all done.
 Phase = Literal["starting", "running", "stopping", "completed", "failed"]
@@ -45,7 +48,10 @@ class NodeView:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RoundRow:
-    """A completed round, as the reducer reported it (see :class:`RoundCompleted`)."""
+    """A completed round, as the reducer reported it (see :class:`RoundCompleted`), and
+    ``combiners``: the nodes that said a plan of the round gave them clients
+    (``combiner-assigned``; a combiner killed mid-round and the one its orphans moved to both
+    count), by name."""
 
     round: int
     accuracy: float | None
@@ -58,9 +64,10 @@ class RoundRow:
     push_s: float | None = None
     aggregate_s: float | None = None
     bytes_sent: int = 0
+    combiners: tuple[str, ...] = ()
 
     @classmethod
-    def from_event(cls, event: RoundCompleted) -> RoundRow:
+    def from_event(cls, event: RoundCompleted, combiners: tuple[str, ...] = ()) -> RoundRow:
         return cls(
             round=event.round,
             accuracy=event.accuracy,
@@ -73,6 +80,7 @@ class RoundRow:
             push_s=event.push_s,
             aggregate_s=event.aggregate_s,
             bytes_sent=event.bytes_sent,
+            combiners=combiners,
         )
 
 
@@ -81,12 +89,14 @@ class FederationSnapshot:
     """Everything a view of the demo shows, at one instant.
 
     Attributes:
-        clients, combiners, rounds: the federation asked for.
+        clients, combiners, rounds: the federation asked for (``auto``: the data nodes are
+            ``auto`` nodes, and ``combiners`` is how many of them the election should pick).
         phase: see :data:`Phase`.
         elapsed: seconds since the demo started.
         processes_up_seconds: from the demo's start to every node having printed its identity.
         startup_seconds: from the demo's start to the reducer's ``session-started``.
-        nodes: every node, bootstrap first, then reducer, combiners, clients.
+        nodes: every node, bootstrap first, then reducer, combiners, clients (or auto nodes).
+        serving: the nodes known to serve as combiners in the round in progress.
         completed: the rounds completed so far, in order.
         final_accuracy: the reducer's, once the session completed.
         error: why the demo failed (phase ``failed``).
@@ -95,6 +105,7 @@ class FederationSnapshot:
     clients: int
     combiners: int
     rounds: int
+    auto: bool = False
     phase: Phase = "starting"
     elapsed: float = 0.0
     processes_up_seconds: float | None = None
@@ -103,6 +114,7 @@ class FederationSnapshot:
     completed: tuple[RoundRow, ...] = ()
     final_accuracy: float | None = None
     error: str | None = None
+    serving: tuple[str, ...] = ()
 
     @property
     def current_round(self) -> int | None:
@@ -121,6 +133,7 @@ class Progress:
     combiners: int
     rounds: int
     started: float
+    auto: bool = False
     nodes: dict[str, NodeView] = field(default_factory=dict)
     phase: Phase = "starting"
     processes_up_at: float | None = None
@@ -130,6 +143,8 @@ class Progress:
     completed: list[RoundRow] = field(default_factory=list)
     final_accuracy: float | None = None
     error: str | None = None
+    #: round -> the nodes that reported ``combiner-assigned`` for it, in the order heard.
+    assigned: dict[int, list[str]] = field(default_factory=dict)
 
     def add_node(self, name: str, role: Role) -> None:
         self.nodes[name] = NodeView(name=name, role=role)
@@ -151,7 +166,8 @@ class Progress:
         elif isinstance(event, RoundCompleted):
             # A reducer that took over may close again a round its predecessor closed unheard.
             self.completed = [r for r in self.completed if r.round != event.round]
-            self.completed.append(RoundRow.from_event(event))
+            combiners = tuple(_by_number(self.assigned.get(event.round, [])))
+            self.completed.append(RoundRow.from_event(event, combiners))
             if self.first_round_at is None:
                 self.first_round_at = at
             self._set(name, state="running", round=event.round)
@@ -163,6 +179,13 @@ class Progress:
         elif isinstance(event, SessionFailed):
             self.fail(f"the session failed: {event.reason}")
             self._set(name, state="failed")
+        elif isinstance(event, ReducerElected):
+            self._set(name, state=f"elected (term {event.term})")
+        elif isinstance(event, CombinerAssigned):
+            serving = self.assigned.setdefault(event.round, [])
+            if name not in serving:
+                serving.append(name)
+            self._set(name, state="combining", round=event.round)
         elif isinstance(event, PartialPushed):
             self._set(name, state="pushed", round=event.round)
         elif isinstance(event, UpdatePushed):
@@ -206,10 +229,11 @@ class Progress:
         return sum(node.bytes_sent or 0 for node in self.nodes.values())
 
     def snapshot(self, now: float) -> FederationSnapshot:
-        return FederationSnapshot(
+        snapshot = FederationSnapshot(
             clients=self.clients,
             combiners=self.combiners,
             rounds=self.rounds,
+            auto=self.auto,
             phase=self.phase,
             elapsed=now - self.started,
             processes_up_seconds=self.processes_up_seconds,
@@ -219,9 +243,23 @@ class Progress:
             final_accuracy=self.final_accuracy,
             error=self.error,
         )
+        current = snapshot.current_round
+        if current is None:
+            return snapshot
+        return replace(snapshot, serving=tuple(_by_number(self.assigned.get(current, []))))
 
     def _set(self, name: str, **changes: object) -> None:
         self.nodes[name] = replace(self.nodes[name], **changes)  # type: ignore[arg-type]
+
+
+def _by_number(names: list[str]) -> list[str]:
+    """``auto-2`` before ``auto-10``: by the number after the last ``-``, then by name."""
+
+    def key(name: str) -> tuple[str, int, str]:
+        stem, _, number = name.rpartition("-")
+        return (stem, int(number), name) if number.isdigit() else (name, -1, name)
+
+    return sorted(names, key=key)
 
 
 def _since(start: float, at: float | None) -> float | None:

@@ -2,9 +2,11 @@
 :class:`~fednode.scenario.progress.FederationSnapshot` or a
 :class:`~fednode.scenario.federation.DemoResult`.
 
-:func:`render` is the live view: a status line, the nodes by role with their states, and the
-rounds so far. :func:`round_line` is the one plain line per round printed when stdout is not a
-terminal. :func:`rounds_table` and :func:`summary` are the report at the end.
+:func:`render` is the live view: a status line, the nodes by role with their states (``auto``
+nodes, ``fednode demo --auto``, in a row of their own), the nodes serving as combiners in the
+round in progress, and the rounds so far. :func:`round_line` is the one plain line per round
+printed when stdout is not a terminal. :func:`rounds_table` and :func:`summary` are the report at
+the end.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from fednode.cli.text import printable
 from fednode.scenario.federation import DemoResult
 from fednode.scenario.progress import FederationSnapshot, NodeView, Role, RoundRow
 
-ROLE_ORDER: tuple[Role, ...] = ("bootstrap", "reducer", "combiner", "client")
+ROLE_ORDER: tuple[Role, ...] = ("bootstrap", "reducer", "combiner", "client", "auto")
 _PHASE_STYLE = {
     "starting": "yellow",
     "running": "cyan",
@@ -35,21 +37,31 @@ _PHASE_STYLE = {
 def render(snapshot: FederationSnapshot) -> Group:
     """The live view of ``snapshot``."""
     parts: list[RenderableType] = [status_line(snapshot), Text(), nodes_table(snapshot.nodes)]
+    if snapshot.serving and snapshot.current_round is not None:
+        parts.append(
+            Text(
+                f"combiners in round {snapshot.current_round}: "
+                + ", ".join(printable(name) for name in snapshot.serving),
+                style="dim",
+            )
+        )
     if snapshot.completed:
         parts += [Text(), rounds_table(snapshot.completed, rounds=snapshot.rounds)]
+        served = combiners_line(snapshot.completed)
+        if served:
+            parts.append(Text(served, style="dim"))
     if snapshot.error is not None:
         parts.append(Text(f"error: {printable(snapshot.error)}", style="bold red"))
     return Group(*parts)
 
 
 def status_line(snapshot: FederationSnapshot) -> Text:
-    """``fednode demo  10 clients · 2 combiners · 5 rounds  round 3 of 5  12.4 s``."""
+    """``fednode demo  10 clients · 2 combiners · 5 rounds  round 3 of 5  12.4 s`` (auto mode:
+    ``10 auto nodes · 2 combiners elected · ...``)."""
     line = Text("fednode demo", style="bold")
-    line.append(
-        f"  {_count(snapshot.clients, 'client')} · {_count(snapshot.combiners, 'combiner')} · "
-        f"{_count(snapshot.rounds, 'round')}  ",
-        style="dim",
-    )
+    data = _count(snapshot.clients, "auto node" if snapshot.auto else "client")
+    combiners = _count(snapshot.combiners, "combiner") + (" elected" if snapshot.auto else "")
+    line.append(f"  {data} · {combiners} · {_count(snapshot.rounds, 'round')}  ", style="dim")
     line.append(_phase_text(snapshot), style=_PHASE_STYLE[snapshot.phase])
     line.append(f"  {snapshot.elapsed:.1f} s", style="dim")
     return line
@@ -114,12 +126,39 @@ def rounds_table(rows: Sequence[RoundRow], *, rounds: int | None = None) -> Tabl
     return table
 
 
+def combiners_line(rows: Sequence[RoundRow]) -> str:
+    """Who served as combiners, runs of rounds with the same ones together:
+    ``combiners  rounds 1-2: auto-0, auto-3 · round 3: auto-3, auto-5``; "" if the demo heard of
+    none (a line of its own: the rounds table is as wide as an 80-column terminal)."""
+    runs: list[tuple[int, int, tuple[str, ...]]] = []
+    for row in rows:
+        if not row.combiners:
+            continue
+        if runs and runs[-1][2] == row.combiners and runs[-1][1] == row.round - 1:
+            runs[-1] = (runs[-1][0], row.round, row.combiners)
+        else:
+            runs.append((row.round, row.round, row.combiners))
+    if not runs:
+        return ""
+    parts = [
+        (f"round {first}" if first == last else f"rounds {first}-{last}")
+        + ": "
+        + ", ".join(printable(name) for name in names)
+        for first, last, names in runs
+    ]
+    return "combiners  " + " · ".join(parts)
+
+
 def round_line(row: RoundRow, rounds: int) -> str:
-    """``round 1/5  accuracy 0.8861  loss 0.4123  1.23 s  10 clients`` (the plain output)."""
-    return (
+    """``round 1/5  accuracy 0.8861  loss 0.4123  1.23 s  10 clients`` (the plain output), then
+    ``  combiners auto-1 auto-4`` when the demo heard who combined."""
+    line = (
         f"round {row.round}/{rounds}  accuracy {_metric(row.accuracy)}  loss {_metric(row.loss)}"
         f"  {row.seconds:.2f} s  {row.clients_included} clients"
     )
+    if row.combiners:
+        line += "  combiners " + " ".join(printable(name) for name in row.combiners)
+    return line
 
 
 def startup_line(snapshot: FederationSnapshot) -> str:

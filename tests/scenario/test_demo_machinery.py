@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from fednode.errors import ConfigError
 from fednode.scenario.federation import DemoConfig, Federation, Launcher
+from fednode.scenario.kills import parse_kill
 from fednode.scenario.launcher import fork_supported
 
 pytestmark = pytest.mark.timeout(60)
@@ -113,6 +115,7 @@ def test_a_completed_run_reports_writes_json_and_leaves_no_process(
             "loss": round(1 / r, 4),
             "seconds": 0.02,
             "clients_included": 3,
+            "combiners": [],  # the stand-ins say nothing of who combines
         }
         for r in range(1, 5)
     ]
@@ -299,3 +302,125 @@ def test_a_reducer_that_lingers_after_the_session_is_stopped_and_reported(
     assert result.warnings == ("the reducer did not exit within 0.2 s of completing the session",)
     assert result.final_accuracy == 0.6
     assert result.bytes_sent == 4 * BYTES_SENT
+
+
+# --- auto mode: the configuration, the command lines, a run of stand-ins ---
+
+
+def test_auto_mode_command_lines() -> None:
+    # Prepare
+    config = DemoConfig(
+        auto=True,
+        clients=10,
+        combiners=2,
+        kills=tuple(parse_kill(k) for k in ("combiner@2", "client@3", "reducer@4:train")),
+    )
+    # Execute
+    reducer = config.reducer_args()
+    data = config.client_args(7)
+    # Assert: every kill costs an auto node; the auto nodes stand by, so no standby process
+    assert config.standby_count == 0
+    assert (config.data_role, config.data_nodes[-1], config.capacity) == ("auto", "auto-9", 5)
+    assert flag(reducer, "--min-clients") == "7"
+    assert flag(reducer, "--wait-for") == "10"
+    assert flag(reducer, "--wait-for-combiners") == "1"
+    assert flag(data, "--capacity") == "5"
+    assert flag(data, "--listen") == "/ip4/127.0.0.1/tcp/0"
+    assert (flag(data, "--partition-index"), flag(data, "--partition-count")) == ("7", "10")
+    assert "auto" in config.common_args(config.data_role)
+
+
+def test_explicit_roles_command_lines_are_unchanged_by_auto_mode() -> None:
+    # Prepare
+    config = DemoConfig(clients=10, combiners=2, kills=(parse_kill("client@2"),))
+    explicit_standby = DemoConfig(
+        auto=True, clients=4, combiners=2, standbys=1, kills=(parse_kill("reducer@2"),)
+    )
+    # Execute, Assert
+    assert flag(config.reducer_args(), "--min-clients") == "9"
+    assert flag(config.reducer_args(), "--wait-for-combiners") == "2"
+    assert "--capacity" not in config.client_args(0) and "--listen" not in config.client_args(0)
+    assert config.data_nodes[0] == "client-0"
+    assert DemoConfig(kills=(parse_kill("reducer@2"),)).standby_count == 1
+    assert flag(explicit_standby.reducer_args(), "--min-clients") == "4"  # the standby leads
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"clients": 10, "combiners": 6}, "elect 5 combiners, not 6.*try --combiners 5"),
+        ({"clients": 2, "combiners": 3}, "3 combiners need at least as many auto nodes"),
+        ({"clients": 100, "combiners": 2}, "elect 4 combiners, not 2"),  # one per 32 clients
+        ({"clients": 2, "combiners": 1, "kills": ("client@1", "reducer@2")}, "2 of the 2"),
+    ],
+)
+def test_auto_mode_refuses_what_the_election_or_the_kills_cannot_give(
+    settings: dict[str, object], says: str
+) -> None:
+    # Prepare
+    kills = tuple(parse_kill(str(k)) for k in settings.pop("kills", ()))  # type: ignore[attr-defined]
+    # Execute, Assert
+    with pytest.raises(ConfigError, match=says):
+        DemoConfig(auto=True, kills=kills, **settings)  # type: ignore[arg-type]
+
+
+def test_auto_mode_accepts_killing_as_many_combiners_as_it_elects() -> None:
+    # Execute
+    config = DemoConfig(
+        auto=True,
+        clients=4,
+        combiners=2,
+        kills=(parse_kill("combiner@1"), parse_kill("combiner@2")),
+    )
+    # Assert
+    assert config.min_clients == 2
+    with pytest.raises(ConfigError, match="one combiner must survive"):
+        DemoConfig(clients=4, combiners=2, kills=config.kills)
+    with pytest.raises(ConfigError, match="needs a standby reducer"):
+        DemoConfig(clients=4, standbys=0, kills=(parse_kill("reducer@1"),))
+    DemoConfig(auto=True, clients=4, standbys=0, kills=(parse_kill("reducer@1"),))
+
+
+def test_the_demo_help_documents_auto_mode() -> None:
+    # Execute
+    result = subprocess.run(
+        [sys.executable, "-m", "fednode", "demo", "--help"], capture_output=True, text=True
+    )
+    # Assert
+    assert result.returncode == 0
+    assert "--auto" in result.stdout and "--role auto" in result.stdout
+
+
+def test_an_auto_run_starts_auto_nodes_and_no_combiner(tmp_path: Path, launcher: Launcher) -> None:
+    # Prepare
+    config = DemoConfig(
+        auto=True,
+        clients=3,
+        combiners=1,
+        rounds=2,
+        program=PROGRAM,
+        timeout=WAIT,
+        launcher=launcher,
+    )
+    # Execute
+    with Federation(config, tmp_path) as federation:
+        result = federation.run()
+        roles = {name: node.identity["role"] for name, node in federation.nodes.items()}
+        listed = [(n.name, n.role) for n in federation.snapshot().nodes]
+    # Assert: the nodes said their role (the stand-in prints its --role)
+    assert roles == {
+        "bootstrap": "bootstrap",
+        "reducer": "reducer",
+        **{f"auto-{i}": "auto" for i in range(3)},
+    }
+    assert listed == [("bootstrap", "bootstrap"), ("reducer", "reducer")] + [
+        (f"auto-{i}", "auto") for i in range(3)
+    ]
+    assert [r.clients_included for r in result.rounds] == [3, 3]
+    assert result.warnings == ()
+    assert result.bytes_sent == 5 * BYTES_SENT
+
+
+def flag(args: list[str], name: str) -> str:
+    """The value after ``name`` in ``args``."""
+    return args[args.index(name) + 1]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from fednode.scenario.events import (
+    CombinerAssigned,
     EventError,
     PartialPushed,
+    ReducerElected,
     RoundCompleted,
     SessionCompleted,
     SessionFailed,
@@ -171,3 +173,49 @@ def test_progress_failure_keeps_the_first_error() -> None:
     assert snapshot.phase == "failed"
     assert snapshot.error == "the session failed: round 1 fell short"
     assert snapshot.nodes[0].state == "exited 1"
+
+
+def test_decode_the_seat_and_combiner_events() -> None:
+    # Execute
+    elected = decode(
+        {"event": "reducer-elected", "term": 2, "session": "s", "resume_round": 1, "t": 5}
+    )
+    assigned = decode(
+        {"event": "combiner-assigned", "round": 3, "amendment": 1, "clients": 4, "t": 5}
+    )
+    # Assert
+    assert elected == ReducerElected(term=2, t=5.0)
+    assert assigned == CombinerAssigned(round=3, amendment=1, clients=4, t=5.0)
+    with pytest.raises(EventError, match="combiner-assigned event without 'amendment'"):
+        decode({"event": "combiner-assigned", "round": 3, "clients": 4, "t": 5})
+
+
+def test_progress_records_who_combines_each_round_in_auto_mode() -> None:
+    # Prepare: auto nodes 0 .. 11; auto-10 and auto-2 combine in round 1
+    progress = Progress(clients=12, combiners=2, rounds=2, started=0.0, auto=True)
+    progress.add_node("reducer", "reducer")
+    for i in range(12):
+        progress.add_node(f"auto-{i}", "auto")
+    progress.apply("reducer", SessionStarted(session="s", rounds=2, clients=12, combiners=2, t=0),
+                   1.0)  # fmt: skip
+    for node in ("auto-10", "auto-2", "auto-10"):  # a copy of the plan heard again
+        progress.apply(node, CombinerAssigned(round=1, amendment=0, clients=6, t=0), 1.1)
+    during = progress.snapshot(1.5)
+    # Execute: round 1 completes; in round 2 auto-2 dies and auto-5 takes its orphans
+    progress.apply("reducer", decode(ROUND | {"round": 1}), 2.0)  # type: ignore[arg-type]
+    for node, amendment in (("auto-2", 0), ("auto-10", 0), ("auto-10", 1), ("auto-5", 1)):
+        progress.apply(node, CombinerAssigned(round=2, amendment=amendment, clients=6, t=0), 2.1)
+    progress.apply("auto-5", ReducerElected(term=2, t=0), 2.2)
+    later = progress.snapshot(2.5)
+    progress.apply("reducer", decode(ROUND | {"round": 2}), 3.0)  # type: ignore[arg-type]
+    # Assert
+    assert during.auto and during.serving == ("auto-2", "auto-10")
+    assert later.serving == ("auto-2", "auto-5", "auto-10")
+    assert [row.combiners for row in progress.completed] == [
+        ("auto-2", "auto-10"),
+        ("auto-2", "auto-5", "auto-10"),
+    ]
+    assert progress.nodes["auto-10"].state == "combining"
+    assert progress.nodes["auto-5"].state == "elected (term 2)"
+    progress.apply("auto-5", SessionCompleted(rounds=2, final_accuracy=0.9, model="ab", t=0), 4)
+    assert progress.snapshot(4.0).serving == ()  # the session is over: no round in progress
