@@ -88,7 +88,9 @@ def test_auto_nodes_elect_two_combiners_and_learn_the_reference_model(tmp_path: 
     rounds = summary["rounds"]
     assert [r["clients_included"] for r in rounds] == [4, 4]
     assert all(len(r["combiners"]) == 2 and set(r["combiners"]) <= AUTOS for r in rounds), rounds
-    assert summary["events"] == [e for e in summary["events"] if e["kind"] == "elected"]
+    # (No kill. A peer called dead too soon on a loaded machine may cost an amended plan, which
+    # changes nothing below: the amended plan keeps every update.)
+    assert not kill_events(summary), summary["events"]
     final, expected = final_model(summary), reference[-1].model
     assert list(final) == list(expected)
     for name, array in expected.items():
