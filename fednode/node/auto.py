@@ -85,18 +85,34 @@ class AutoDriver:
 
     async def run(self) -> SessionEnded | None:
         """Run (see the class docstring); returns the end of the session we led last, if any."""
+        done = trio.Event()
+
+        async def client() -> None:
+            await self.client.run()  # returns only with exit_after_session
+            if not self._leading():  # else the seat ends us, once the reducer is done
+                done.set()
+
+        async def seats() -> None:
+            await self._seats()  # returns only with exit_after_session
+            if self.led is not None and self.led is self.ended:
+                done.set()  # a follower ends with its client half (it waits for the results)
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.combiner.run)
-            seats_done = trio.Event()
-            nursery.start_soon(self._seats, seats_done)
-            await self.client.run()  # returns only with exit_after_session
-            if self.seat is not None and self.seat.driver is not None:
-                await seats_done.wait()  # we lead: let the reducer finish (results, linger)
+            nursery.start_soon(client)
+            nursery.start_soon(seats)
+            await done.wait()
             nursery.cancel_scope.cancel()
         return self.led
 
-    async def _seats(self, done: trio.Event) -> None:
-        """One reducer seat per session, in turn."""
+    def _leading(self) -> bool:
+        seat = self.seat
+        return seat is not None and seat.driver is not None and seat.ended is None
+
+    async def _seats(self) -> None:
+        """One reducer seat per session, in turn; with ``exit_after_session``, returns once a
+        seat saw its session end. (A node that led a session ends by its seat: gossip never
+        hands it its own session end, so its client half does not see one.)"""
         seen: set[str] = set()
         session = self.session
         while True:
@@ -118,7 +134,6 @@ class AutoDriver:
             if seat.led:
                 self.led = ended
             if self.exit_after_session:
-                done.set()
                 return
 
 

@@ -19,7 +19,6 @@ import trio
 
 from fednode.aggregation import ServerOptimizer
 from fednode.errors import TransportError, WireError
-from fednode.net.blob import fetch_blob
 from fednode.node.context import Params, RoleContext, load_model, put_model
 from fednode.protocol.leader_actions import ELIGIBLE_ROLES, choose_members
 from fednode.protocol.membership import PeerState
@@ -110,37 +109,20 @@ async def fetch_state_blob(ctx: RoleContext, ref: BlobRef, holders: Iterable[Pee
     Raises:
         TransportError: no peer had it.
     """
-    while (running := ctx.state_fetches.get(ref.digest)) is not None:
-        await running.wait()
     if ctx.store.has(ref.digest):
         ctx.store.pin(ref.digest)
         return
-    done = ctx.state_fetches[ref.digest] = trio.Event()
-    try:
-        alive = {m.peer for m in ctx.node.view.members() if m.state is PeerState.ALIVE}
-        peers = [p for p in dict.fromkeys(holders) if p != ctx.peer]
-        peers += [m.peer for m in ctx.node.view.members() if m.peer not in peers]
-        peers.sort(key=lambda p: p not in alive)  # stable: the holders' order kept
-        for peer in [p for p in peers if p in alive][:4]:
-            await ctx.reach(peer)
-        started = trio.current_time()
-        await fetch_blob(
-            ctx.host,
-            peers,
-            ref.digest,
-            ctx.store,
-            max_size=min(ref.size, MAX_STATE_BLOB),
-            expected_size=ref.size,
-            pin=True,
-        )
-        log.info(
-            "state blob %s fetched in %.2f s",
-            ref.digest.hex()[:16],
-            trio.current_time() - started,
-        )
-    finally:
-        del ctx.state_fetches[ref.digest]
-        done.set()
+    alive = {m.peer for m in ctx.node.view.members() if m.state is PeerState.ALIVE}
+    peers = [p for p in dict.fromkeys(holders) if p != ctx.peer]
+    peers += [m.peer for m in ctx.node.view.members() if m.peer not in peers]
+    peers.sort(key=lambda p: p not in alive)  # stable: the holders' order kept
+    for peer in [p for p in peers if p in alive][:4]:
+        await ctx.reach(peer)
+    started = trio.current_time()
+    await ctx.fetch(
+        peers, ref.digest, max_size=min(ref.size, MAX_STATE_BLOB), expected_size=ref.size
+    )
+    log.info("state blob %s had in %.2f s", ref.digest.hex()[:16], trio.current_time() - started)
 
 
 async def resume_from(

@@ -36,7 +36,6 @@ import trio
 
 from fednode.crypto import seal_bytes
 from fednode.errors import ConfigError, TransferError, TransportError
-from fednode.net.blob import fetch_blob
 from fednode.net.push import PushResult, push_update
 from fednode.node.context import RoleContext, Unpinner, load_model, put_model
 from fednode.node.pump import TimerPump
@@ -283,14 +282,8 @@ class ClientDriver:
             try:
                 for holder in holders[:2]:
                     await self.ctx.reach(holder)
-                await fetch_blob(
-                    self.ctx.host,
-                    holders,
-                    action.model,
-                    self.ctx.store,
-                    max_size=action.size,
-                    expected_size=action.size,
-                    pin=True,
+                await self.ctx.fetch(
+                    holders, action.model, max_size=action.size, expected_size=action.size
                 )
             except TransportError as exc:
                 log.info("round %d: fetching the model failed: %s", action.round, exc)

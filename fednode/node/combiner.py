@@ -42,7 +42,6 @@ from fednode.errors import (
     TransportError,
     WireError,
 )
-from fednode.net.blob import fetch_blob
 from fednode.net.push import PushResult, PushServer, push_partial, serve_push
 from fednode.node.context import (
     Layout,
@@ -425,14 +424,8 @@ class CombinerDriver:
                 for holder in holders[:4]:
                     await self.ctx.reach(holder)
                 try:
-                    await fetch_blob(
-                        self.ctx.host,
-                        holders,
-                        action.model,
-                        store,
-                        max_size=action.size,
-                        expected_size=action.size,
-                        pin=True,
+                    await self.ctx.fetch(
+                        holders, action.model, max_size=action.size, expected_size=action.size
                     )
                     break
                 except TransportError as exc:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,7 +26,7 @@ import trio
 
 from fednode.crypto import domain_of, open_envelope
 from fednode.errors import CryptoError, TransportError, WireError
-from fednode.net.blob import BlobServer, serve_blobs
+from fednode.net.blob import BlobServer, fetch_blob, serve_blobs
 from fednode.net.blobstore import BlobStore
 from fednode.net.chunkio import INLINE_IO, sync_cost
 from fednode.net.interface import Host
@@ -95,11 +95,42 @@ class RoleContext:
         # sends every client and combiner to fetch at once.
         self.blobs: BlobServer = serve_blobs(node.host, store, max_concurrent=BLOB_CONCURRENCY)
         self.pushed_bytes = 0  #: bytes of the updates and partials this node pushed
-        #: Blobs a role is fetching for the session's state (checkpoint prefetches, a resume),
-        #: each with an event set when that fetch ends: a second fetch of one blob into one
-        #: store waits for the first instead of failing ("already running").
-        self.state_fetches: dict[Digest, trio.Event] = {}
+        #: Blobs this node's roles are fetching (see :meth:`fetch`), each with an event set when
+        #: that fetch ends.
+        self.fetches: dict[Digest, trio.Event] = {}
         self.wall_offset_ms = time.time() * 1000 - trio.current_time() * 1000
+
+    async def fetch(
+        self, holders: Sequence[PeerId], key: Digest, *, max_size: int, expected_size: int
+    ) -> None:
+        """Have blob ``key`` in our store, pinned once for the caller: fetched from ``holders``
+        in turn (:func:`fednode.net.blob.fetch_blob`), unless held. The roles of one node share
+        its store (an ``auto`` node's client, combiner and reducer seat all want each round's
+        model): a fetch of a blob another role is fetching waits for that one, then has the
+        blob or fetches it itself, instead of failing "already running".
+
+        Raises:
+            TransportError: no holder delivered it.
+        """
+        while (running := self.fetches.get(key)) is not None:
+            await running.wait()
+        if self.store.has(key):
+            self.store.pin(key)
+            return
+        done = self.fetches[key] = trio.Event()
+        try:
+            await fetch_blob(
+                self.host,
+                holders,
+                key,
+                self.store,
+                max_size=max_size,
+                expected_size=expected_size,
+                pin=True,
+            )
+        finally:
+            del self.fetches[key]
+            done.set()
 
     @property
     def host(self) -> Host:

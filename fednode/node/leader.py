@@ -341,7 +341,7 @@ class ReducerSeat:
         if checkpoint.optimizer is not None:
             wanted.append(checkpoint.optimizer)
         if self._nursery is None or all(
-            self.ctx.store.has(r.digest) or r.digest in self.ctx.state_fetches for r in wanted
+            self.ctx.store.has(r.digest) or r.digest in self.ctx.fetches for r in wanted
         ):
             return
         for old in self._prefetched:

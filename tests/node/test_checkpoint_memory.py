@@ -45,7 +45,7 @@ async def test_two_fetches_of_one_state_blob_share_one_transfer(tmp_path: Path) 
                 for _ in range(2):
                     nursery.start_soon(fetch_state_blob, standby.ctx, ref, [holder.ctx.peer])
         # Assert: both got it, one transfer served it, and both hold a pin
-        assert standby.ctx.store.has(key) and standby.ctx.state_fetches == {}
+        assert standby.ctx.store.has(key) and standby.ctx.fetches == {}
         assert holder.ctx.blobs.statistics().served == 1
         standby.ctx.store.unpin(key)
         assert standby.ctx.store.pinned(key)
