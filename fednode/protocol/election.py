@@ -40,6 +40,9 @@ attached``; a node that is overloaded (``cpu > max_cpu`` or ``memory > max_memor
 has none unless it is an incumbent, which keeps its previous clients but sheds
 ``ceil(shed_fraction * its clients)`` of them (at least one) while overloaded. A node whose room
 drops below its previous clients sheds just the excess. A node that left the view is gone.
+When that room cannot take every client (a busy machine: every node reports its CPU saturated),
+loaded nodes serve rather than leave clients out: incumbents get their shed room back first,
+then the others by score, so under uniform load the tree holds.
 
 Self-assignment. An ``auto`` node elected combiner is still a client with data: it is assigned
 under itself (it folds its own update into its running sum locally, no transfer) and that takes
@@ -184,9 +187,12 @@ def build_tree(
     if sum(rooms.values()) < len(clients):
         # Every able node is loaded (a busy machine reports every CPU high): an overloaded or
         # suspect node serving, or an overloaded incumbent keeping the clients it would shed,
-        # beats clients sitting the round out. Best score first.
+        # beats clients sitting the round out. Incumbents first (their shed room back before a
+        # node as loaded is raised: under uniform load the tree holds), then best score.
         spare = [p for p in by_peer if by_peer[p].stands and by_peer[p].spare > rooms.get(p, 0)]
-        spare.sort(key=lambda p: (-score(by_peer[p], policy, home_region=home_region), p))
+        spare.sort(
+            key=lambda p: (p not in before, -score(by_peer[p], policy, home_region=home_region), p)
+        )
         for peer in spare:
             if sum(rooms.values()) >= len(clients):
                 break

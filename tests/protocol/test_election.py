@@ -624,3 +624,27 @@ def test_when_every_combiner_is_overloaded_they_still_serve() -> None:
     # Assert: nobody sits the round out for want of a healthy combiner
     assert tree.left_out == ()
     assert set(tree.combiners) == {"C0", "C1"}
+
+
+def test_under_uniform_overload_the_incumbents_keep_serving_and_the_tree_holds() -> None:
+    # Prepare: ten auto nodes on one busy machine (every CPU saturated), room for five each, so
+    # two combiners do; their other readings jitter from tree to tree
+    rng = random.Random(5)
+
+    def view() -> list[Candidate]:
+        return [
+            auto(i, capacity=5, cpu=1.0, bandwidth=rng.uniform(5e6, 2e7), rtt=rng.uniform(0, 0.01))
+            for i in range(10)
+        ]
+
+    tree = build_tree(view(), policy=POLICY)
+    first = set(tree.combiners)
+    # Execute
+    trees = []
+    for _ in range(20):
+        tree = build_tree(view(), tree, policy=POLICY)
+        trees.append(tree)
+    # Assert: the same two serve throughout, nobody left out (the incumbents' shed room comes
+    # back to them before an equally loaded newcomer is raised)
+    assert len(first) == 2
+    assert all(set(t.combiners) == first and t.left_out == () for t in trees)
