@@ -122,6 +122,7 @@ class ReducerSeat:
         self.ended: SessionEnded | None = None
         self.driver: ReducerDriver | None = None
         self.led = False  #: whether this seat ever took a term
+        self._last_plan: RoundPlan | None = None  # the newest plan heard, of any term
         self._newest: bytes | None = None  # the sealed newest checkpoint, as received
         self._prefetched: list[Digest] = []  # blobs pinned for a takeover
         self._driver_scope: trio.CancelScope | None = None
@@ -223,6 +224,13 @@ class ReducerSeat:
             return
         if isinstance(msg, RoundPlan | RoundResult):
             self._queue(self.machine.on_round_message(msg, now))
+            newest = self._last_plan
+            if isinstance(msg, RoundPlan) and (
+                newest is None
+                or (msg.term, msg.round, msg.amendment)
+                > (newest.term, newest.round, newest.amendment)
+            ):
+                self._last_plan = msg  # a successor's first tree stays near it
         elif isinstance(msg, SessionEnded):
             self._queue(self.machine.on_session_ended(msg, now))
             if self.machine.session is None or msg.session == self.machine.session:
@@ -309,6 +317,7 @@ class ReducerSeat:
             lease_ms=self.machine.lease_ms,
             on_checkpoint_due=self.publish_checkpoint,
             gate=self.wait_closing,
+            previous=self._previous_plan(checkpoint),
         )
         self.driver = driver
         self.led = True
@@ -316,6 +325,13 @@ class ReducerSeat:
             await self.publish_checkpoint()  # our lease runs from now, before any fetch
         assert self._nursery is not None
         self._nursery.start_soon(self._run_driver, driver)
+
+    def _previous_plan(self, checkpoint: SessionCheckpoint | None) -> RoundPlan | None:
+        """The newest plan heard of the session we take over, for our first tree."""
+        plan = self._last_plan
+        if checkpoint is None or plan is None or plan.session != checkpoint.session:
+            return None
+        return plan
 
     async def _run_driver(self, driver: ReducerDriver) -> None:
         with trio.CancelScope() as scope:

@@ -126,6 +126,7 @@ class ReducerDriver:
         linger: seconds to keep re-gossiping the session end before :meth:`run` returns.
         plan_wait: the longest a plan waits for enough live peers (default: the failure
             detector's time from a peer's last heartbeat to its death).
+        previous: taking over, the predecessor's last plan heard: our first tree stays near it.
     """
 
     def __init__(
@@ -145,6 +146,7 @@ class ReducerDriver:
         republish: float | None = None,
         linger: float | None = None,
         plan_wait: float | None = None,
+        previous: RoundPlan | None = None,
     ) -> None:
         if runner is None and config.eval_every > 0:
             raise ConfigError("a session that evaluates needs a task runner at the reducer")
@@ -162,6 +164,7 @@ class ReducerDriver:
         )
         self.term = term
         self.resume = resume
+        self.previous = previous
         self.lease_ms = lease_ms
         self.on_checkpoint_due = on_checkpoint_due
         self.gate = gate
@@ -247,6 +250,7 @@ class ReducerDriver:
                 holders=holders,
                 first_round=first_round,
                 wall_offset_ms=ctx.wall_offset_ms,
+                previous=self.previous,
             )
             actions = self.machine.start(trio.current_time(), candidates=self.peers.candidates())
             plan = self.machine.plan

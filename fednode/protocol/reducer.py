@@ -140,6 +140,10 @@ class ReducerMachine:
         first_round: the round to start at: 1, or, taking a session over, the round after the
             last result's (with that result's model as ``initial_model``).
         wall_offset_ms: the driver's wall clock minus ``now``, in ms (``rounds`` module).
+        election_policy: the tree election's thresholds (``election``).
+        previous: taking a session over, the last plan heard from the predecessor: the first
+            tree is elected with it as the previous tree (hysteresis), so a failover does not
+            reshuffle the clients.
     """
 
     def __init__(
@@ -157,6 +161,7 @@ class ReducerMachine:
         first_round: int = 1,
         wall_offset_ms: float = 0.0,
         election_policy: Policy = DEFAULT_POLICY,
+        previous: RoundPlan | None = None,
     ) -> None:
         if not is_federation_id(federation):
             raise ConfigError(f"invalid federation ID {federation!r}")
@@ -183,6 +188,7 @@ class ReducerMachine:
         self._completed = first_round - 1  # rounds with a published result
         self._roster = Roster(peer)  # the eligible peers, and the orphans waiting for room
         self._plan: RoundPlan | None = None
+        self._previous = previous  # a predecessor's last plan: the first tree stays near it
         self._deadline: float | None = None
         self._tally = Tally()
         self._successor: tuple[int, PublicKey] | None = None  # the higher term that took over
@@ -452,7 +458,7 @@ class ReducerMachine:
     def _new_plan(self, now: float) -> PublishPlan:
         """A fresh attempt: a new assignment and deadline, nothing counted."""
         created = wall_ms(now, self.wall_offset_ms)
-        assignments = self._roster.tree(self._plan, self.election_policy)
+        assignments = self._roster.tree(self._plan or self._previous, self.election_policy)
         self._tally.reset(assignments)
         self._roster.waiting.clear()
         self._reducing = ()

@@ -683,3 +683,22 @@ def test_candidates_elect_by_load_and_an_overloaded_combiner_sheds_clients() -> 
     assert after[C1] < before[C1] and sum(after.values()) == 4
     again = {a.combiner: len(a.clients) for a in steady[0].plan.assignments}
     assert again.get(C1, 0) <= after[C1]  # while it stays hot it does not get them back
+
+
+def test_a_successor_elects_its_first_tree_near_its_predecessors_last_plan() -> None:
+    # Prepare: the old reducer's last plan put three clients under C1 and one under C2 (within
+    # the incumbents' skew); a fresh election would split them two and two
+    last = plan(round=2, term=1, assignments={C1: (K1, K2, K3), C2: (K4,)})
+    candidates = [
+        *(Candidate(peer=c, role="combiner", capacity=8) for c in (C1, C2)),
+        *(Candidate(peer=k, role="client") for k in CLIENTS),
+    ]
+    fresh = reducer(config(min_clients=4), term=2, first_round=2)
+    successor = reducer(config(min_clients=4), term=2, first_round=2, previous=last)
+    # Execute
+    (cold,) = fresh.start(10.0, candidates=candidates)
+    (warm,) = successor.start(10.0, candidates=candidates)
+    # Assert: the successor keeps every client where it was; without the plan they move
+    assert isinstance(cold, PublishPlan) and isinstance(warm, PublishPlan)
+    assert warm.plan.assignments == last.assignments
+    assert cold.plan.assignments != last.assignments
