@@ -13,21 +13,16 @@ more, and the rounds from the kill on count the three others.
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from demo_run import final_model, run_demo
 
-from fednode.net.blobstore import BlobStore
-from fednode.node.context import decode_model
 from fednode.task import digits
 from fednode.task.api import load_task
 from fednode.task.reference import run_reference
-from fednode.wire import Digest
 
 pytestmark = [pytest.mark.libp2p, pytest.mark.timeout(180)]
 
@@ -36,37 +31,9 @@ AUTOS = {f"auto-{i}" for i in range(4)}
 
 
 def demo(tmp_path: Path, *args: str) -> dict[str, Any]:
-    out = tmp_path / "result.json"
-    data = tmp_path / "data"
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "fednode", "demo", "--no-live", *SMALL),
-            *("--data-dir", str(data), "--json", str(out), "--timeout", "120"),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    logs = "\n".join(
-        f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-12:])
-        for log in sorted(data.glob("*.log"))
-    )
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{logs}"
-    assert "warning" not in result.stdout, result.stdout
-    summary: dict[str, Any] = json.loads(out.read_text())
-    summary["data_dir"] = data
+    summary = run_demo(tmp_path, *SMALL, *args, timeout=120)
+    assert "warning" not in summary["stdout"], summary["stdout"]
     return summary
-
-
-def final_model(summary: dict[str, Any]) -> dict[str, np.ndarray[Any, Any]]:
-    """The final global model, from the store of whichever node led last."""
-    digest = Digest(bytes.fromhex(summary["model"]))
-    for node in sorted(Path(summary["data_dir"]).iterdir()):
-        if node.is_dir() and BlobStore(node).has(digest):
-            params, _ = decode_model(BlobStore(node).get(digest))
-            return params
-    raise AssertionError(f"no node holds the final model {summary['model'][:16]}")
 
 
 def kill_events(summary: dict[str, Any]) -> list[dict[str, Any]]:

@@ -11,18 +11,12 @@ from the signed checkpoint and the clients re-push their kept updates).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-
-from fednode.net.blobstore import BlobStore
-from fednode.node.context import decode_model
-from fednode.wire import Digest
+from demo_run import final_model, run_demo
 
 pytestmark = [pytest.mark.libp2p, pytest.mark.timeout(420)]
 
@@ -30,34 +24,7 @@ SMALL = ("--clients", "4", "--combiners", "2", "--rounds", "2", "--epochs", "2")
 
 
 def demo(tmp_path: Path, *args: str) -> dict[str, Any]:
-    out = tmp_path / "result.json"
-    data = tmp_path / "data"
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "fednode", "demo", "--no-live", *SMALL),
-            *("--data-dir", str(data), "--json", str(out), "--timeout", "300"),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=360,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary: dict[str, Any] = json.loads(out.read_text())
-    summary["data_dir"] = data
-    return summary
-
-
-def final_model(summary: dict[str, Any]) -> dict[str, np.ndarray[Any, Any]]:
-    """The final global model, from the store of whichever reducer holds it."""
-    digest = Digest(bytes.fromhex(summary["model"]))
-    for node in sorted(Path(summary["data_dir"]).iterdir()):
-        if node.is_dir() and node.name.startswith("reducer"):
-            store = BlobStore(node)
-            if store.has(digest):
-                params, _ = decode_model(store.get(digest))
-                return params
-    raise AssertionError(f"no reducer holds the final model {summary['model'][:16]}")
+    return run_demo(tmp_path, *SMALL, *args, timeout=300)
 
 
 def assert_same_model(a: dict[str, Any], b: dict[str, Any]) -> None:
