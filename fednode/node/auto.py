@@ -9,9 +9,8 @@ for reducer.
   it; in those that do, it aggregates the clients placed under it, itself first (the election
   puts an elected ``auto`` node under itself, ``fednode.protocol.election``). Its own update
   reaches it without a stream (:meth:`CombinerDriver.deliver_local`: a libp2p host does not dial
-  itself), through the same admission and counting as a pushed one, so it is counted once; its
-  client half takes the round's model from the fetch its combiner half makes for its clients
-  (:meth:`CombinerDriver.wait_for_model`) rather than fetching it twice;
+  itself), through the same admission and counting as a pushed one, so it is counted once; the
+  round's model is fetched once for both halves (:meth:`RoleContext.fetch`);
 - a :class:`~fednode.node.leader.ReducerSeat` of role ``auto``: a standby that takes over when
   the reducer dies (explicit reducers rank first). Given a session (``--session FILE``), it may
   also start that session itself when no explicit reducer is in sight once its grace period

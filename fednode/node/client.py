@@ -72,9 +72,6 @@ END_GRACE = 4
 #: (and its hearing of the plan) before ours. Larger models come from the combiner first, so
 #: the reducer's upload is not shared by every client.
 DIRECT_FETCH_SIZE = 1 << 20
-#: Seconds an ``auto`` node that is its own combiner waits for its combiner half to fetch the
-#: round's model before fetching it from the plan's holders itself.
-LOCAL_MODEL_WAIT = 10.0
 
 
 def same_task(session_task: str, ours: str) -> bool:
@@ -272,11 +269,8 @@ class ClientDriver:
             started = trio.current_time()
             self.ctx.events.emit("fetch-started", round=action.round)
             holders = action.holders  # our combiner, then the plan's holders (the reducer)
-            if self.ctx.peer in holders:  # we are our own combiner: its fetch is ours
-                holders = tuple(h for h in holders if h != self.ctx.peer)
-                if self.local_combiner is not None:
-                    with trio.move_on_after(LOCAL_MODEL_WAIT):
-                        await self.local_combiner.wait_for_model(action.model)
+            if self.ctx.peer in holders:  # we are our own combiner: it fetches into our store
+                holders = tuple(h for h in holders if h != self.ctx.peer)  # (ctx.fetch: once)
             elif action.size <= DIRECT_FETCH_SIZE and len(holders) > 1:
                 holders = (*holders[1:], holders[0])
             try:
@@ -409,4 +403,4 @@ class ClientDriver:
         return await self.local_combiner.deliver_local(sealed)
 
 
-__all__ = ["DIRECT_FETCH_SIZE", "LOCAL_MODEL_WAIT", "RETRY_REFUSALS", "ClientDriver", "same_task"]
+__all__ = ["DIRECT_FETCH_SIZE", "RETRY_REFUSALS", "ClientDriver", "same_task"]

@@ -160,12 +160,6 @@ class CombinerDriver:
         except (WireError, CryptoError) as exc:  # our own seal: a bug, not a peer's fault
             raise LocalProtocolError(f"our own update does not open: {exc}") from exc
 
-    async def wait_for_model(self, model: Digest) -> None:
-        """Return once ``model`` is in our store: an ``auto`` node's client waits here for the
-        global model its combiner half fetches, rather than fetching it a second time."""
-        while not self.ctx.store.has(model):
-            await self._ready.setdefault(model, trio.Event()).wait()
-
     def _queue(self, actions: Sequence[CombinerAction]) -> None:
         for action in actions:
             self._send.send_nowait(action)
