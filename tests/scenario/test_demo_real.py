@@ -9,13 +9,14 @@ batch 32); by default it runs a bounded version (6 clients, 3 rounds) of the sam
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from demo_run import run_demo
 
 from fednode.scenario.launcher import fork_supported
 from fednode.task import digits
@@ -43,28 +44,10 @@ pytestmark = [
 ]
 
 
-def demo(tmp_path: Path, *args: str, timeout: float) -> tuple[dict[str, object], str]:
-    out = tmp_path / "result.json"
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "fednode", "demo", "--no-live"),
-            *("--data-dir", str(tmp_path / "data"), "--json", str(out)),
-            *("--timeout", str(timeout)),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout + 30,
-    )
-    logs = "\n".join(
-        f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-15:])
-        for log in sorted((tmp_path / "data").glob("*.log"))
-    )
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{logs}"
-    print(result.stdout)
-    document = json.loads(out.read_text())
-    assert isinstance(document, dict)
-    return document, result.stdout
+def demo(tmp_path: Path, *args: str, timeout: float) -> tuple[dict[str, Any], str]:
+    document = run_demo(tmp_path, *args, timeout=timeout)
+    print(document["stdout"])
+    return document, document["stdout"]
 
 
 @pytest.mark.timeout(150)
@@ -116,7 +99,7 @@ def test_the_demo_learns_what_in_process_fedavg_learns(tmp_path: Path) -> None:
     assert isinstance(final, float)
     print(f"demo {final:.4f}  reference {reference[-1].accuracy:.4f}")
     assert abs(final - reference[-1].accuracy) <= TOLERANCE
-    per_round = [r["accuracy"] for r in document["rounds"]]  # type: ignore[attr-defined]
+    per_round = [r["accuracy"] for r in document["rounds"]]
     assert per_round == pytest.approx([m.accuracy for m in reference[1:]], abs=TOLERANCE)
     if SLOW:
         assert final >= 0.9  # a plain FedAvg baseline of this setup reaches about 0.95
